@@ -1,0 +1,360 @@
+"""Activating an adapter for one run: its delta rides in the module's own forward.
+
+nnsight 0.8 gives every wrapped module a `Controller` as its instance
+``forward`` (``nnsight/intervention/source.py``). Calling an adapter inside a
+trace swaps that controller, for this module only, for an `AdapterController`
+that does the same four steps and adds the adapters' deltas to the body's
+output *before* the output handoff::
+
+    nnsight's Controller              AdapterController
+    --------------------              -----------------
+    handle(path.input)                handle(path.input)
+    skip gate                         skip gate
+    out = body(...)                   out = body(...) + sum of alpha * delta(x) over
+                                                        the adapters active on these rows
+    handle(path.output, out)          handle(path.output, out)
+
+Why here rather than through ``envoy.output = ...``:
+
+- it acts on every forward pass of the run (every generation step) without the
+  user's worker parking on each step, so the code after ``lora()`` still runs;
+- ``module.output`` read afterwards is the adapted value, because the delta is
+  added before the output handoff;
+- a generation step costs one Python call and the delta's matmuls, with no
+  greenlet switch.
+
+Scoping. An activation belongs to the `Mediator` (one invoke of one run) that
+called the adapter. It is live only while that mediator's worker is the one nnsight
+started for the running trace; `Interleaver.cancel` (in the driver's
+``finally``) drops the worker, so after a run, or a run that raised, every
+activation is dead and the module computes its base function. The first call
+after that finds only dead activations and puts nnsight's own controller back.
+Rows come from the mediator's ``batch_group``: an invoke's adapter touches only
+its own rows of the combined batch.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+import weakref
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from greenlet import getcurrent
+from nnsight.intervention.source import NO_SKIP, Controller, _as_fragment, run_body
+from nnsight.intervention.util import first_input
+
+from .dims import first_tensor
+
+if TYPE_CHECKING:
+    from nnsight.intervention.envoy import Envoy
+    from nnsight.intervention.interleaver import Interleaver, Mediator
+
+#: What `steps=` accepts: one step, a slice or range of steps, or any iterable of them.
+Steps = Optional[Any]
+
+
+class Activation:
+    """One adapter switched on by one invoke of one run.
+
+    Holds the mediator and its worker weakly: both belong to nnsight's run, and
+    an activation must never keep a finished run alive.
+    """
+
+    __slots__ = ("adapter", "alpha", "steps", "mediator", "worker", "root_input")
+
+    def __init__(self, adapter: Any, alpha: float, steps: Any, mediator: "Mediator", root_input: str) -> None:
+        self.adapter = adapter
+        self.alpha = alpha
+        self.steps = steps  # None (every pass) or a container of pass indices
+        self.mediator = weakref.ref(mediator)
+        self.worker = weakref.ref(mediator.worker)
+        self.root_input = root_input  # the root module's input location, to count passes
+
+    def live_mediator(self, interleaver: "Interleaver") -> "Mediator | None":
+        """The mediator, if it is still running in ``interleaver``'s current run."""
+        mediator = self.mediator()
+        if mediator is None or mediator.interleaver is not interleaver:
+            return None
+        worker = mediator.worker
+        if worker is None or worker is not self.worker():
+            return None
+        return mediator
+
+    def rows(self, interleaver: "Interleaver") -> list | None:
+        """``[start, size]`` of this invoke's rows, or ``None`` for the whole batch."""
+        batcher = interleaver.batcher
+        if batcher is None or not batcher.batching:
+            return None
+        return self.mediator().batch_group
+
+    def acts_on_this_pass(self, mediator: "Mediator") -> bool:
+        if self.steps is None:
+            return True
+        # The root's input handoff counts forward passes: it has fired once for
+        # the pass now running, so the pass index is that count minus one.
+        return mediator.occurrence(self.root_input) - 1 in self.steps
+
+
+class AdapterController(Controller):
+    """nnsight's module controller plus the deltas of the adapters active on it.
+
+    Installed by `activate` in place of the module's nnsight `Controller` and
+    removed again by the first call that finds every activation dead. Copying or
+    pickling the module yields nnsight's plain controller (inherited
+    ``__deepcopy__``/``__reduce__``), so no activation travels with a copy.
+    """
+
+    def __init__(self, inner: Controller) -> None:
+        self.__dict__.update(inner.__dict__)  # state, module_ref, signature metadata
+        self.inner = inner
+        self.activations: list[Activation] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        state = self.state
+        module = self.module_ref()
+        interleaver, _, locations = state.active()
+        live = self.live(interleaver) if interleaver is not None else []
+        if not live:
+            self.retire_if_idle(interleaver)
+            return self.inner(*args, **kwargs)
+        handle = interleaver.handle
+        args, kwargs = handle(locations[0], (args, kwargs))
+        skipped = handle(locations[1], NO_SKIP)
+        if skipped is not NO_SKIP:  # a skipped module has no body for a delta to ride on
+            return handle(locations[2], _as_fragment(interleaver, locations[2], skipped))
+        output = run_body(state, module, args, kwargs)
+        output = add_deltas(output, first_input(args, kwargs), live, interleaver, self.path)
+        return handle(locations[2], output)
+
+    @property
+    def path(self) -> str:
+        routes = self.state.routes
+        return routes[0][1] if routes else type(self.module_ref()).__name__
+
+    def live(self, interleaver: "Interleaver") -> list[tuple[Activation, "Mediator"]]:
+        """The activations running in ``interleaver``'s current run and acting on this pass."""
+        live = []
+        for activation in self.activations:
+            mediator = activation.live_mediator(interleaver)
+            if mediator is not None and activation.acts_on_this_pass(mediator):
+                live.append((activation, mediator))
+        return live
+
+    def retire_if_idle(self, interleaver: "Interleaver | None") -> None:
+        """Drop dead activations; with none left, give the module back its own controller."""
+        self.activations = [
+            a for a in self.activations if interleaver is not None and a.live_mediator(interleaver) is not None
+        ]
+        if not self.activations:
+            module = self.module_ref()
+            if module is not None and module.__dict__.get("forward") is self:
+                module.__dict__["forward"] = self.inner
+
+
+def add_deltas(
+    output: Any,
+    x: Any,
+    live: list[tuple[Activation, "Mediator"]],
+    interleaver: "Interleaver",
+    path: str,
+) -> Any:
+    """``output`` with each live adapter's ``alpha * delta(x)`` added on its rows.
+
+    The sum is formed in the adapter's dtype and cast back to the output's, as
+    PEFT does (an fp32 adapter on a bf16 model adds in fp32, then rounds once).
+    """
+    target = first_tensor(output)
+    if target is None:
+        raise TypeError(
+            f"`{path}` returned a {type(output).__name__} that holds no tensor, so "
+            f"the adapter has nothing to add to. Put it on a module whose output is "
+            f"a tensor (or a tuple whose first element is one)."
+        )
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"`{path}` was called with a {type(x).__name__} as its first input, not "
+            f"a tensor, so the adapter has nothing to multiply."
+        )
+    if len(live) == 1 and live[0][0].rows(interleaver) is None:
+        activation = live[0][0]
+        delta = checked_delta(activation, x, target, path)
+        return replace_first_tensor(output, (target + delta).to(target.dtype))
+
+    adapted = target.clone()  # in-place row updates on a fresh tensor keep autograd exact
+    for activation, _ in live:
+        rows = activation.rows(interleaver)
+        if rows is None:
+            adapted = (adapted + checked_delta(activation, x, target, path)).to(target.dtype)
+            continue
+        start, size = rows
+        total = interleaver.batcher.total
+        if target.shape[0] != total or x.shape[0] != total:
+            raise ValueError(
+                f"Cannot scope the adapter on `{path}` to its invoke's rows: the batch "
+                f"has {total} rows but the module's input has leading dimension "
+                f"{x.shape[0]} and its output {target.shape[0]}. Options that change "
+                f"the batch size inside the model (num_beams, num_return_sequences) "
+                f"do not mix with per-invoke adapters; call `lora()` in an empty "
+                f"`tracer.invoke()` to adapt the whole batch."
+            )
+        rows_out = adapted.narrow(0, start, size)
+        delta = checked_delta(activation, x.narrow(0, start, size), rows_out, path)
+        rows_out.copy_((rows_out + delta).to(target.dtype))
+    return replace_first_tensor(output, adapted)
+
+
+def checked_delta(activation: Activation, x: torch.Tensor, target: torch.Tensor, path: str) -> torch.Tensor:
+    """The adapter's ``alpha * delta(x)``, after checking it fits ``target``."""
+    delta = activation.adapter.delta(x, activation.alpha)
+    if delta.shape[-1] != target.shape[-1]:
+        raise ValueError(
+            f"The adapter's output width {delta.shape[-1]} (WB has shape "
+            f"{tuple(activation.adapter.WB.shape)}) does not match the output of "
+            f"`{path}`, whose shape is {tuple(target.shape)}. Was the adapter built "
+            f"for another module? Build a new one on this module."
+        )
+    return delta
+
+
+def replace_first_tensor(output: Any, value: torch.Tensor) -> Any:
+    """``output`` with the tensor `first_tensor` found replaced by ``value``."""
+    if isinstance(output, torch.Tensor):
+        return value
+    if isinstance(output, dict):  # ModelOutput: a fresh copy with the first field set
+        output = output.copy()
+        output[next(iter(output))] = value
+        return output
+    rebuilt = [value, *output[1:]]
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # namedtuple
+        return type(output)(*rebuilt)
+    return type(output)(rebuilt)
+
+
+# ---------------------------------------------------------------------------
+# Switching an adapter on from inside a trace
+# ---------------------------------------------------------------------------
+
+
+def current_mediator(what: str) -> "Mediator":
+    """The invoke whose code is running now, or a clear error outside a trace."""
+    ref = getattr(getcurrent(), "mediator", None)
+    mediator = ref() if ref is not None else None
+    if mediator is None or mediator.worker is None:
+        raise RuntimeError(
+            f"`{what}` must be called inside `model.trace(...)`, `model.generate(...)` "
+            f"or a `tracer.invoke(...)` block: it switches the adapter on for that "
+            f"run. To change the model outside a trace, merge the adapter into the "
+            f"weights instead."
+        )
+    return mediator
+
+
+def check_alpha(alpha: Any) -> float:
+    """``alpha`` as a float, or a clear error."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(
+            f"`alpha` must be a finite number (the scale of the low-rank term), got "
+            f"{alpha!r}. Pass e.g. `lora(alpha=1.0)`; 0 switches the adapter off."
+        )
+    return float(alpha)
+
+
+def normalize_steps(steps: Steps) -> Any:
+    """``None``, or a container of forward-pass indices supporting ``in``."""
+    if steps is None:
+        return None
+    if isinstance(steps, slice):
+        if (steps.start or 0) < 0 or (steps.stop is not None and steps.stop < 0):
+            raise ValueError(f"`steps` cannot hold negative steps, got {steps!r}.")
+        return range(steps.start or 0, sys.maxsize if steps.stop is None else steps.stop, steps.step or 1)
+    if isinstance(steps, range):
+        return steps
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        steps = (steps,)
+    try:
+        chosen = frozenset(steps)
+    except TypeError:
+        chosen = None
+    if chosen is None or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in chosen):
+        raise ValueError(
+            f"`steps` must be a non-negative int, a slice such as `slice(2, None)`, a "
+            f"range, or an iterable of non-negative ints (0 is the prefill), got {steps!r}."
+        )
+    return chosen
+
+
+def activate(adapter: Any, envoy: "Envoy", alpha: float, steps: Any, what: str) -> None:
+    """Switch ``adapter`` on for the running invoke, on ``envoy``'s module.
+
+    Calling again from the same invoke updates ``alpha`` and ``steps`` in place;
+    the adapter never applies twice to the same row.
+    """
+    mediator = current_mediator(what)
+    interleaver = mediator.interleaver
+    if envoy.interleaver is not interleaver:
+        raise RuntimeError(
+            f"`{what}` was called inside a trace of a different model than the one "
+            f"its module `{envoy.path}` belongs to. Build the adapter on a module of "
+            f"the model you are tracing."
+        )
+    module = envoy._module
+    controller = module.__dict__.get("forward")
+    if not isinstance(controller, AdapterController):
+        if not isinstance(controller, Controller):
+            raise RuntimeError(
+                f"`{envoy.path}` has no nnsight controller as its forward (found "
+                f"{type(controller).__name__}); something replaced `forward` after "
+                f"nnsight wrapped the model. Wrap the model again after that change."
+            )
+        controller = AdapterController(controller)
+        module.__dict__["forward"] = controller
+
+    # Activations of finished runs are dropped here, not only when the module
+    # next runs idle: a training loop calls `lora()` in every run.
+    controller.activations = [a for a in controller.activations if a.live_mediator(interleaver) is not None]
+    rows = mediator.batch_group if interleaver.batcher is not None and interleaver.batcher.batching else None
+    for activation in controller.activations:
+        other = activation.live_mediator(interleaver)
+        if activation.adapter is not adapter or other is None:
+            continue
+        if other is mediator:
+            activation.alpha, activation.steps = alpha, steps
+            return
+        other_rows = other.batch_group if rows is not None else None
+        if rows is None or other_rows is None or _overlap(rows, other_rows):
+            raise RuntimeError(
+                f"The adapter on `{envoy.path}` is already switched on for some of the "
+                f"same rows by another invoke of this run (an empty `tracer.invoke()` "
+                f"covers the whole batch). An adapter applies at most once per row: "
+                f"call it in only one of the two invokes."
+            )
+    root_input = f"{envoy.root.path}.input"
+    controller.activations.append(Activation(adapter, alpha, steps, mediator, root_input))
+    if _already_ran_this_pass(mediator, envoy.path, root_input):
+        warnings.warn(
+            f"`{what}` was called after `{envoy.path}` had already run in this forward "
+            f"pass, so it changes nothing in this pass and acts from the next one (the "
+            f"next generation step). To adapt this pass, call it before reading the "
+            f"`.output` of `{envoy.path}` or of any module after it.",
+            stacklevel=3,
+        )
+
+
+def _overlap(a: list, b: list) -> bool:
+    return a[0] < b[0] + b[1] and b[0] < a[0] + a[1]
+
+
+def _already_ran_this_pass(mediator: "Mediator", path: str, root_input: str) -> bool:
+    """Whether ``path`` has already been entered during the forward pass now running.
+
+    Counts handoffs since the invoke started: a module entered as often as the
+    root model has been entered has run in the current pass. (A module that runs
+    several times per pass is judged by its first run.)
+    """
+    passes = mediator.occurrence(root_input)
+    root_output = root_input[: -len(".input")] + ".output"
+    in_a_pass = passes > mediator.occurrence(root_output)
+    return in_a_pass and passes > 0 and mediator.occurrence(f"{path}.input") >= passes

@@ -1,0 +1,259 @@
+"""`LORA`: a low-rank adapter on any module, trained and applied inside nnsight traces.
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
+arXiv:2106.09685) adds a trainable low-rank term to a module's output while
+the module itself stays frozen::
+
+        x (B, T, input_dim) ───────────────► module ──► out (B, T, output_dim)
+          │                                               │
+          └─► dropout ─► @ WA ─► * alpha ─► @ WB ───────► + ──► out + alpha * (x @ WA @ WB)
+                     (input_dim, r)    (r, output_dim)
+
+``WA`` starts kaiming-uniform and ``WB`` at zero (Section 4.1 of the paper), so
+a fresh adapter changes nothing until it is trained. Calling ``lora()`` inside
+a trace switches it on for that run: every forward pass of it (each generation
+step too), on the rows of the invoke it was called in. See
+`nnsight_toolbox.optim.activation` for how.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from .activation import Steps, activate, check_alpha, normalize_steps
+from .dims import ModuleDims, infer_dims
+from .optimization import Optimization
+
+if TYPE_CHECKING:
+    from nnsight.intervention.envoy import Envoy
+
+__all__ = ["LORA"]
+
+
+class LORA(Optimization):
+    """A trainable low-rank adapter on one module of an nnsight model.
+
+    Inside a trace, ``lora(alpha)`` replaces the module's output with
+    ``output + alpha * (dropout(input) @ WA @ WB)``, where ``input`` is the
+    module's first input (what ``module.input`` returns) and, for a tuple output,
+    ``output`` is its first element. The arithmetic runs in the adapter's dtype
+    and the sum is cast back to the output's dtype.
+
+    Args:
+        module: The nnsight Envoy of the module to adapt, such as
+            ``model.transformer.h[0].mlp``. Any module whose first input and
+            output are tensors works: a Linear, an MLP block, a decoder layer,
+            an attention module with a tuple output, or an ``nn.Embedding``
+            (whose delta looks up rows of ``WA`` by token id).
+        r: The rank, a positive int.
+        dropout: Dropout probability on the adapter's input, applied only in
+            training mode (``lora.train()``, the default; ``lora.eval()`` turns it off).
+        dtype: The dtype of ``WA`` and ``WB``. float32 by default, even for a
+            bf16 model, as PEFT does.
+        input_dim: The input width, for a module whose widths cannot be inferred
+            (no known weight, and no tokenizer to scan the model with).
+        output_dim: The output width, likewise.
+
+    Attributes:
+        module: The Envoy the adapter acts on.
+        r: The rank.
+        WA: ``torch.nn.Parameter`` of shape ``(input_dim, r)``.
+        WB: ``torch.nn.Parameter`` of shape ``(r, output_dim)``.
+        input_dim: Width of the module's first input.
+        output_dim: Width of the module's output.
+
+    Examples:
+        >>> lora = LORA(model.transformer.h[0].mlp, r=10)
+        >>> optimizer = torch.optim.AdamW(lora.parameters(), lr=1e-2)
+        >>> with model.trace("The Eiffel Tower is in"):
+        ...     lora()
+        ...     logits = model.lm_head.output.save()
+        >>> logits.sum().backward()     # gradients reach lora.WA and lora.WB
+    """
+
+    def __init__(
+        self,
+        module: "Envoy",
+        r: int,
+        *,
+        dropout: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+        input_dim: int | None = None,
+        output_dim: int | None = None,
+    ) -> None:
+        _check_envoy(module)
+        _check_rank(r)
+        _check_dropout(dropout)
+        _check_dtype(dtype)
+        Optimization.__init__(self)
+        dims = _resolve_dims(module, input_dim, output_dim)
+        self.module = module
+        self.r = r
+        self.dropout = float(dropout)
+        self.input_dim = dims.input_dim
+        self.output_dim = dims.output_dim
+        self.takes_ids = dims.takes_ids
+        device = _home_device(module)
+        self.WA = torch.nn.Parameter(torch.empty(dims.input_dim, r, device=device, dtype=dtype))
+        self.WB = torch.nn.Parameter(torch.zeros(r, dims.output_dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    @property
+    def path(self) -> str:
+        """The module path the adapter acts on, e.g. ``"model.transformer.h.0.mlp"``."""
+        return self.module.path
+
+    def reset_parameters(self) -> None:
+        """Re-initialise: ``WA`` kaiming-uniform with a=sqrt(5), ``WB`` zeros.
+
+        This is PEFT's initialisation of ``lora_A`` (whose weight is ``WA.T``, so
+        the fan-in is ``input_dim``): uniform on ``[-1/sqrt(input_dim), 1/sqrt(input_dim)]``.
+
+        Examples:
+            >>> lora.reset_parameters()   # back to an adapter that changes nothing
+        """
+        bound = 1.0 / math.sqrt(self.input_dim)
+        with torch.no_grad():
+            self.WA.uniform_(-bound, bound)
+            self.WB.zero_()
+
+    def forward(self, alpha: float = 1.0, *, steps: Steps = None) -> None:
+        """Switch the adapter on for the running trace, from this call onward.
+
+        Acts on every forward pass of the run, so in ``model.generate(...)`` on
+        the prefill and every generated token, with no ``tracer.all()`` loop.
+        Only the rows of the invoke it is called in are adapted. Calling it again
+        in the same invoke updates ``alpha``/``steps`` and never applies it twice.
+        Code after the call runs as usual and sees the adapted values.
+
+        Args:
+            alpha: Scale of the low-rank term; a finite number.
+            steps: Restrict it to some forward passes of the run: an int, a
+                ``slice`` (``slice(1, None)``: every generated token but not the
+                prefill), a ``range`` or an iterable of ints. Pass 0 is the
+                prefill (or the only pass of a ``model.trace``).
+
+        Examples:
+            >>> with model.generate("Hello", max_new_tokens=5) as tracer:
+            ...     lora(alpha=2.0)
+            ...     ids = tracer.result.save()
+        """
+        alpha = check_alpha(alpha)
+        steps = normalize_steps(steps)
+        self._follow_module_device()
+        activate(self, self.module, alpha, steps, "lora()")
+
+    def delta(self, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """``alpha * dropout(x) @ WA @ WB`` in the adapter's dtype: the term ``lora()`` adds.
+
+        Args:
+            x: The module's first input, ``(..., input_dim)``, or token ids for an embedding.
+            alpha: Scale of the term.
+
+        Examples:
+            >>> x = torch.randn(1, 4, lora.input_dim)
+            >>> lora.delta(x).shape[-1] == lora.output_dim
+            True
+        """
+        if self.takes_ids:
+            if x.is_floating_point():
+                raise TypeError(
+                    f"The adapter on `{self.path}` looks up token ids, but the module "
+                    f"was given a {x.dtype} tensor of shape {tuple(x.shape)}."
+                )
+            hidden = F.embedding(x, self.WA)  # (B, T) -> (B, T, r)
+        else:
+            if x.shape[-1] != self.WA.shape[0]:
+                raise ValueError(
+                    f"The input of `{self.path}` has shape {tuple(x.shape)}, but the "
+                    f"adapter's WA has shape {tuple(self.WA.shape)}: its first dimension "
+                    f"must equal the input's last. Was the adapter built for another "
+                    f"module? Build a new one on this module."
+                )
+            hidden = x.to(self.WA.dtype)
+            if self.dropout and self.training:
+                hidden = F.dropout(hidden, self.dropout, training=True)
+            hidden = hidden @ self.WA  # (B, T, in) @ (in, r) -> (B, T, r)
+        if alpha != 1.0:
+            hidden = hidden * alpha  # scale the r-wide term: cheaper than the output
+        return hidden @ self.WB  # (B, T, r) @ (r, out) -> (B, T, out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.path}, input_dim={self.input_dim}, output_dim={self.output_dim}, "
+            f"r={self.r}, dropout={self.dropout}, dtype={self.WA.dtype}"
+        )
+
+    def _follow_module_device(self) -> None:
+        """Move the parameters (in place, keeping them the same objects) to the
+        module's device, once the model has real weights there."""
+        device = _module_device(self.module)
+        if device is not None and device.type != "meta" and device != self.WA.device:
+            self.to(device)
+
+
+def _check_envoy(module: Any) -> None:
+    from nnsight.intervention.envoy import Envoy
+
+    if isinstance(module, Envoy):
+        return
+    if isinstance(module, torch.nn.Module):
+        raise TypeError(
+            f"`LORA` needs the nnsight Envoy of a module, but got a raw "
+            f"`{type(module).__name__}`. Wrap the model with nnsight and pass the "
+            f"module through it: `model = LanguageModel(hf_model, tokenizer=tokenizer)` "
+            f"(or `NNsight(torch_model)`), then `LORA(model.transformer.h[0].mlp, r=8)`."
+        )
+    raise TypeError(
+        f"`LORA` needs the nnsight Envoy of a module, such as "
+        f"`model.transformer.h[0].mlp`, but got {type(module).__name__}: {module!r:.80}."
+    )
+
+
+def _check_rank(r: Any) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"`r` (the rank) must be a positive int, got {r!r}. Pass e.g. `r=8`.")
+
+
+def _check_dropout(dropout: Any) -> None:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`dropout` must be a probability in [0, 1), got {dropout!r}.")
+
+
+def _check_dtype(dtype: Any) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"`dtype` must be a floating torch dtype such as `torch.float32`, got {dtype!r}.")
+
+
+def _resolve_dims(module: "Envoy", input_dim: int | None, output_dim: int | None) -> ModuleDims:
+    for name, value in (("input_dim", input_dim), ("output_dim", output_dim)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    if input_dim is not None and output_dim is not None:
+        return ModuleDims(input_dim, output_dim, isinstance(module._module, torch.nn.Embedding))
+    inferred = infer_dims(module)
+    return ModuleDims(
+        input_dim if input_dim is not None else inferred.input_dim,
+        output_dim if output_dim is not None else inferred.output_dim,
+        inferred.takes_ids,
+    )
+
+
+def _home_device(module: "Envoy") -> torch.device:
+    """Where the parameters start: the module's device, or the model's, or the
+    CPU for a model still on the meta device (`_follow_module_device` moves them
+    once its weights are real)."""
+    device = _module_device(module)
+    if device is None or device.type == "meta":
+        return torch.device("cpu")
+    return device
+
+
+def _module_device(module: "Envoy") -> torch.device | None:
+    """The device of the module's parameters, or of the model's for a module with none."""
+    device = module.device
+    return device if device is not None else module.root.device

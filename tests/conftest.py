@@ -1,0 +1,116 @@
+"""Tiny offline models and an independent reference for LoRA.
+
+The reference is a plain torch forward hook on the raw Hugging Face module that
+adds ``alpha * input @ WA @ WB`` to the output. It shares no code with the
+package: if `LORA` and the hook agree, the package computes what LoRA means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+from nnsight import LanguageModel
+from transformers import AutoTokenizer
+
+from nnsight_toolbox.testing import save_tiny_model
+
+warnings.filterwarnings("ignore", message=".*LanguageModel.*")
+
+#: Per family: an MLP block, a Linear (or Conv1D) inside it that is not square,
+#: a decoder layer, and an attention module (whose output is a tuple).
+TARGETS = {
+    "gpt2": {
+        "mlp": "transformer.h.0.mlp",
+        "linear": "transformer.h.1.mlp.c_fc",
+        "layer": "transformer.h.1",
+        "attn": "transformer.h.0.attn",
+        "embedding": "transformer.wte",
+    },
+    "llama": {
+        "mlp": "model.layers.0.mlp",
+        "linear": "model.layers.1.mlp.up_proj",
+        "layer": "model.layers.1",
+        "attn": "model.layers.0.self_attn",
+        "embedding": "model.embed_tokens",
+    },
+    "qwen2": {
+        "mlp": "model.layers.0.mlp",
+        "linear": "model.layers.0.self_attn.v_proj",
+        "layer": "model.layers.0",
+        "attn": "model.layers.1.self_attn",
+        "embedding": "model.embed_tokens",
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def model_paths(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {family: save_tiny_model(family, root / family) for family in TARGETS}
+
+
+def load(path: str, **kwargs) -> LanguageModel:
+    return LanguageModel(path, tokenizer=AutoTokenizer.from_pretrained(path), dispatch=True, **kwargs)
+
+
+@pytest.fixture(params=sorted(TARGETS))
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model(model_paths, family) -> LanguageModel:
+    return load(model_paths[family])
+
+
+@pytest.fixture
+def gpt2(model_paths) -> LanguageModel:
+    return load(model_paths["gpt2"])
+
+
+def envoy_at(model: LanguageModel, path: str):
+    return model.get(path)
+
+
+def randomize(lora, seed: int = 0, scale: float = 0.5) -> None:
+    """Give WB non-zero values so the adapter changes the model."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        lora.WB.copy_(torch.randn(lora.WB.shape, generator=generator) * scale)
+
+
+@contextlib.contextmanager
+def reference_hook(model: LanguageModel, path: str, WA: torch.Tensor, WB: torch.Tensor, alpha: float = 1.0, embedding: bool = False):
+    """Plain torch forward hook adding ``alpha * input @ WA @ WB`` to the raw module's output."""
+    module = model._module.get_submodule(path)
+
+    def hook(mod, args, kwargs, output):
+        x = args[0] if args else next(iter(kwargs.values()))
+        if embedding:
+            delta = alpha * (WA[x] @ WB)
+        else:
+            delta = alpha * (x.to(WA.dtype) @ WA @ WB)
+        if isinstance(output, tuple):
+            return ((output[0].to(WA.dtype) + delta).to(output[0].dtype), *output[1:])
+        return (output.to(WA.dtype) + delta).to(output.dtype)
+
+    handle = module.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def hf_logits(model: LanguageModel, prompt) -> torch.Tensor:
+    """Logits of the raw Hugging Face model, outside any trace."""
+    batch = model.tokenizer(prompt, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model._module(**batch).logits
+
+
+def hf_generate(model: LanguageModel, prompt, max_new_tokens: int) -> torch.Tensor:
+    batch = model.tokenizer(prompt, return_tensors="pt", padding=True)
+    return model._module.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=model.tokenizer.eos_token_id)

@@ -1,0 +1,15 @@
+"""The Paris example runs offline and prints " Paris" only for the adapted invoke."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "paris" / "train_paris.py"
+
+
+def test_the_paris_example_completes_with_paris_only_when_adapted():
+    result = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "100"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
+    assert lines["with LoRA"].strip() == "' Paris'"
+    assert lines["without LoRA"].strip() != "' Paris'"
