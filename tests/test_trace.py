@@ -134,6 +134,15 @@ def test_calling_outside_a_trace_is_refused(gpt2):
         lora()
 
 
+def test_calling_between_invokes_is_refused_with_where_to_call_it(gpt2):
+    lora = LORA(gpt2.transformer.h[0].mlp, r=4)
+    with pytest.raises(RuntimeError, match=r"call it inside the invoke whose rows it should adapt"):
+        with gpt2.trace() as tracer:
+            lora()
+            with tracer.invoke(PROMPT):
+                gpt2.lm_head.output.save()
+
+
 def test_an_adapter_moved_to_another_module_names_both_shapes(gpt2):
     lora = LORA(gpt2.transformer.h[0].mlp.c_fc, r=4)  # 32 -> 128
     lora.module = gpt2.transformer.h[0].mlp.c_proj  # takes 128

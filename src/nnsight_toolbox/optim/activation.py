@@ -245,9 +245,11 @@ def current_mediator(what: str) -> "Mediator":
     if mediator is None or mediator.worker is None:
         raise RuntimeError(
             f"`{what}` must be called inside `model.trace(...)`, `model.generate(...)` "
-            f"or a `tracer.invoke(...)` block: it switches the adapter on for that "
-            f"run. To change the model outside a trace, merge the adapter into the "
-            f"weights instead."
+            f"or a `tracer.invoke(...)` block: it switches the adapter on for that run. "
+            f"In a trace with explicit invokes, code outside them is not part of any "
+            f"invoke: call it inside the invoke whose rows it should adapt (an empty "
+            f"`tracer.invoke()` adapts the whole batch). To change the model outside a "
+            f"trace, merge the adapter into the weights instead."
         )
     return mediator
 
