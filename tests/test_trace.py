@@ -192,3 +192,20 @@ def test_an_adapter_from_another_model_is_refused(model_paths):
     with pytest.raises(RuntimeError, match="different model"):
         with second.trace(PROMPT):
             lora()
+
+
+def test_transformers_model_works_like_language_model(model_paths):
+    from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoTokenizer
+
+    path = model_paths["llama"]
+    model = TransformersModel(path, task="text-generation", tokenizer=AutoTokenizer.from_pretrained(path), dispatch=True)
+    target = TARGETS["llama"]["mlp"]
+    lora = LORA(envoy_at(model, target), r=4)
+    randomize(lora)
+    with model.trace(PROMPT):
+        lora()
+        logits = model.lm_head.output.save()
+    with reference_hook(model, target, lora.WA.detach(), lora.WB.detach()):
+        expected = hf_logits(model, PROMPT)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
