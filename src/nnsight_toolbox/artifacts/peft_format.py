@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -65,12 +66,17 @@ PICKLED_WEIGHTS_FILE = "adapter_model.bin"
 #: PeftModel keeps the Hugging Face model at ``base_model.model``; saved keys carry that prefix.
 KEY_PREFIX = "base_model.model."
 
-#: What each saved tensor is, by the suffix after the module name.
+#: What each saved tensor is, by the suffix after the module name: its role, and
+#: whether it belongs to an embedding (``None``: either).
 _PARTS = {
     "lora_A.weight": ("A", False),
     "lora_B.weight": ("B", False),
     "lora_embedding_A": ("A", True),
     "lora_embedding_B": ("B", True),
+    # PEFT's `save_embedding_layers="auto"` also saves the *base* weight of a targeted
+    # embedding (`embed_tokens`, `lm_head`), to carry a resized vocabulary. It must be
+    # the model's own weight, or the adapter alone would not reproduce PEFT.
+    "base_layer.weight": ("base", None),
 }
 _KEY = re.compile(rf"^(?:{re.escape(KEY_PREFIX)})?(?P<name>.+)\.(?P<part>{'|'.join(map(re.escape, _PARTS))})$")
 
@@ -364,7 +370,7 @@ def _read_peft_adapter(model: "Envoy", directory: Path) -> tuple["_Settings", li
             continue
         role, embedding = _PARTS[match["part"]]
         name = match["name"]
-        if kinds.setdefault(name, embedding) != embedding:
+        if embedding is not None and kinds.setdefault(name, embedding) != embedding:
             raise ValueError(f"`{weights_path}` mixes Linear and Embedding LoRA tensors for `{name}`.")
         groups.setdefault(name, {})[role] = tensor
     if strays:
@@ -387,6 +393,11 @@ def _read_peft_adapter(model: "Envoy", directory: Path) -> tuple["_Settings", li
         )
     targets = []
     for name in sorted(groups, key=order.__getitem__):
+        if name not in kinds:
+            raise ValueError(
+                f"`{weights_path}` holds a base weight for `{name}` (`{name}.base_layer.weight`) "
+                f"but no LoRA tensors for it; only a module that is adapted may carry one."
+            )
         targets.append(_check_target(model.get(name), name, groups[name], kinds[name], settings, weights_path))
     return settings, targets
 
@@ -503,4 +514,32 @@ def _check_target(
         if not tensor.is_floating_point():
             raise ValueError(f"`{path}`: tensor `{full}` is {tensor.dtype}, not floating point.")
         check_finite(tensor, full, path)
+    if "base" in pair:
+        _check_saved_base_weight(envoy, name, pair["base"], path)
     return _Target(envoy=envoy, r=r, scale=scale, A=pair["A"], B=pair["B"])
+
+
+def _check_saved_base_weight(envoy: "Envoy", name: str, saved: torch.Tensor, path: Path) -> None:
+    """A base weight PEFT saved beside the adapter must be the model's own weight."""
+    weight = envoy._module.weight
+    key = f"{KEY_PREFIX}{name}.base_layer.weight"
+    if tuple(saved.shape) != tuple(weight.shape):
+        raise ValueError(
+            f"`{path}`: `{key}` has shape {tuple(saved.shape)}, but the model's `{name}` weight "
+            f"has {tuple(weight.shape)}: the adapter was trained with a resized vocabulary. "
+            f"Resize the model's embeddings the same way before importing it."
+        )
+    if weight.is_meta:
+        warnings.warn(
+            f"`{path}` carries the base weight of `{name}` (PEFT saves it for targeted "
+            f"embeddings), and the model is not loaded yet, so it could not be checked against "
+            f"the model's own weight. The imported adapters reproduce PEFT only if it is the same.",
+            stacklevel=5,  # the caller of `import_peft`
+        )
+        return
+    if not torch.equal(saved.to(weight.dtype), weight.detach().cpu()):
+        raise ValueError(
+            f"`{path}`: `{key}` differs from the model's own `{name}` weight, so PEFT would "
+            f"replace that weight when loading the adapter, and the LoRA tensors alone do not "
+            f"reproduce it. Import it onto the model it was trained on."
+        )
