@@ -110,12 +110,12 @@ def write_atomically(directory: Path, files: dict[str, bytes]) -> None:
             temp.unlink(missing_ok=True)
 
 
-def check_finite(tensor: torch.Tensor, name: str, path: Path) -> None:
-    """A `ValueError` naming the file and tensor when ``tensor`` holds NaN or Inf."""
+def check_finite(tensor: torch.Tensor, name: str, where: str | Path) -> None:
+    """A `ValueError` naming where the tensor is from (a file) when it holds NaN or Inf."""
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(
-            f"`{path}`: tensor `{name}` holds {bad} NaN or infinite value(s). The adapter "
+            f"`{where}`: tensor `{name}` holds {bad} NaN or infinite value(s). The adapter "
             f"diverged in training, or the file is damaged; it would break every output it touches."
         )
 

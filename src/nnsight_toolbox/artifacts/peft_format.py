@@ -133,6 +133,11 @@ def export_peft(
         base_model_name_or_path: Recorded in the config for ``AutoPeftModel``;
             by default the model's own ``config.name_or_path``.
 
+    PEFT has one ``lora_dropout`` for all modules; the largest of the adapters'
+    is written (dropout acts only in training). Adapters of different ranks
+    get entries in ``rank_pattern``/``alpha_pattern`` keyed by their escaped
+    full module name, which PEFT's rule matches against that module only.
+
     Returns:
         The directory.
 
@@ -165,8 +170,8 @@ def export_peft(
                 f"Export them to separate directories."
             )
         kind = _exportable_kind(lora)
-        check_finite(lora.WA.detach(), "WA", Path(f"<adapter on {lora.path}>"))
-        check_finite(lora.WB.detach(), "WB", Path(f"<adapter on {lora.path}>"))
+        check_finite(lora.WA.detach(), "WA", f"the adapter on {lora.path}")
+        check_finite(lora.WB.detach(), "WB", f"the adapter on {lora.path}")
         seen[name] = kind
         entries.append((name, kind, lora))
 
