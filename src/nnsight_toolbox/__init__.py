@@ -5,8 +5,9 @@ Examples:
     >>> lora = LORA(model.transformer.h[0].mlp, r=8)
 """
 
+from .artifacts import export_peft, import_peft
 from .optim import LORA, Optimization
 
 __version__ = "0.1.0"
 
-__all__ = ["LORA", "Optimization", "__version__"]
+__all__ = ["LORA", "Optimization", "export_peft", "import_peft", "__version__"]

@@ -19,6 +19,7 @@ step too), on the rows of the invoke it was called in. See
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -100,6 +101,7 @@ class LORA(Optimization):
         device = _home_device(module)
         self.WA = torch.nn.Parameter(torch.empty(dims.input_dim, r, device=device, dtype=dtype))
         self.WB = torch.nn.Parameter(torch.zeros(r, dims.output_dim, device=device, dtype=dtype))
+        self._merge_record = None  # set while merged into the module's weight (see `merge`)
         self.reset_parameters()
 
     @property
@@ -137,11 +139,22 @@ class LORA(Optimization):
                 prefill), a ``range`` or an iterable of ints. Pass 0 is the
                 prefill (or the only pass of a ``model.trace``).
 
+        While the adapter is merged into the weights (`merge`), calling it raises
+        a `RuntimeError`: the delta is already in every row of every run, so it
+        can neither be added again nor be limited to one invoke.
+
         Examples:
             >>> with model.generate("Hello", max_new_tokens=5) as tracer:
             ...     lora(alpha=2.0)
             ...     ids = tracer.result.save()
         """
+        if self.merged:
+            raise RuntimeError(
+                f"The adapter on `{self.path}` is merged into the weights (alpha="
+                f"{self._merge_record.alpha}), so the model already computes it for every "
+                f"row of every run; `lora()` would add it a second time. Drop the call, or "
+                f"call `lora.unmerge()` first to apply it per invoke again."
+            )
         alpha = check_alpha(alpha)
         steps = normalize_steps(steps)
         self._follow_module_device()
@@ -181,6 +194,74 @@ class LORA(Optimization):
         if alpha != 1.0:
             hidden = hidden * alpha  # scale the r-wide term: cheaper than the output
         return hidden @ self.WB  # (B, T, r) @ (r, out) -> (B, T, out)
+
+    # -- artifacts: thin entry points; the work lives in `nnsight_toolbox.artifacts` --
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Save the adapter to ``directory``: ``lora.safetensors`` plus a ``lora.json`` sidecar.
+
+        Works for any target, blocks included. Load it back with `LORA.load`.
+
+        Examples:
+            >>> lora.save("adapters/c_fc")
+        """
+        from ..artifacts.native import save_lora
+
+        save_lora(self, directory)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, module: "Envoy") -> "LORA":
+        """A new adapter on ``module`` with the weights saved in ``directory`` by `save`.
+
+        ``module`` may be at another path than the one the adapter was trained on;
+        its input and output widths must match, or a `ValueError` names both shapes.
+        Reads JSON and safetensors only (never pickle) and checks everything first.
+
+        Examples:
+            >>> lora = LORA.load("adapters/c_fc", model.transformer.h[0].mlp.c_fc)
+        """
+        from ..artifacts.native import load_lora
+
+        return load_lora(directory, module, cls)
+
+    @property
+    def merged(self) -> bool:
+        """Whether the adapter is merged into its module's weight (`merge`)."""
+        return self._merge_record is not None
+
+    def merge(self, alpha: float = 1.0) -> None:
+        """Fold ``alpha * WA @ WB`` into the weight of the module (Linear, Conv1D or Embedding).
+
+        The model then computes the adapted function at the base model's speed, in
+        every run and every row, with no ``lora()`` call (which raises while merged).
+        The delta is formed in float32 and rounded once to the weight's dtype. A
+        second merge is refused (`RuntimeError`); so is one that would write NaN/Inf
+        (`ValueError`, weight untouched), and one on a block (`TypeError`). Dropout
+        is not applied. Keeps a CPU copy of the weight so `unmerge` is bit-exact.
+
+        Examples:
+            >>> lora.merge()
+            >>> with model.generate("Hello", max_new_tokens=5) as tracer:
+            ...     ids = tracer.result.save()
+            >>> lora.unmerge()
+        """
+        from ..artifacts.merging import merge_lora
+
+        merge_lora(self, alpha)
+
+    def unmerge(self) -> None:
+        """Take the merged delta back out: the weight returns to its exact original bits.
+
+        If the weight changed since the merge (say, another adapter was merged into
+        the same layer after this one), the delta is subtracted in float32 instead,
+        with a warning; that is exact only up to rounding.
+
+        Examples:
+            >>> lora.unmerge()
+        """
+        from ..artifacts.merging import unmerge_lora
+
+        unmerge_lora(self)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,241 @@
+"""This package's own adapter format: a safetensors file and a JSON sidecar.
+
+A saved adapter is a directory::
+
+    <directory>/
+        lora.safetensors   WA (input_dim, r) and WB (r, output_dim), in the adapter's dtype
+        lora.json          r, widths, dtype, dropout, the module path it was trained on,
+                           the package version, the format version, and the tensor
+                           file's SHA-256
+
+Any module an adapter can sit on saves, blocks and decoder layers included
+(PEFT's format takes only Linear, Conv1D and Embedding layers; see
+`nnsight_toolbox.artifacts.peft_format`). Loading reads JSON and safetensors
+only, never pickle, and checks everything (files, checksum, keys, shapes,
+dtypes, finite values, the target's widths) before it builds the adapter.
+
+Compatibility: ``format_version`` is 1. Later versions of this package keep
+reading every version up to their own; a file from a newer version is refused
+with a message to upgrade.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..optim.dims import infer_dims
+from .files import (
+    check_finite,
+    is_number,
+    read_json,
+    read_tensors,
+    require_directory,
+    require_file,
+    sha256_hex,
+    tensor_bytes,
+    write_atomically,
+)
+
+if TYPE_CHECKING:
+    from nnsight.intervention.envoy import Envoy
+
+    from ..optim.lora import LORA
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "TENSORS_FILE", "SIDECAR_FILE", "save_lora", "load_lora"]
+
+FORMAT = "nnsight-toolbox/lora"
+#: The version this package writes. Readers accept every version up to it.
+FORMAT_VERSION = 1
+TENSORS_FILE = "lora.safetensors"
+SIDECAR_FILE = "lora.json"
+
+_HINT = "Save an adapter there with `lora.save(directory)`."
+
+
+@dataclass(frozen=True)
+class SavedLora:
+    """A validated saved adapter, not yet placed on a module."""
+
+    r: int
+    input_dim: int
+    output_dim: int
+    takes_ids: bool
+    dropout: float
+    training: bool
+    module_path: str
+    WA: torch.Tensor  # (input_dim, r)
+    WB: torch.Tensor  # (r, output_dim)
+
+
+def save_lora(lora: "LORA", directory: str | os.PathLike) -> Path:
+    """Write ``lora`` to ``directory`` (created if needed) as ``lora.safetensors`` + ``lora.json``.
+
+    Existing files of those names are replaced, each atomically.
+
+    Examples:
+        >>> save_lora(lora, "adapters/c_fc")
+        PosixPath('adapters/c_fc')
+    """
+    from .. import __version__
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"`{directory}` is a file; `lora.save` needs a directory to write into.")
+    data = tensor_bytes({"WA": lora.WA, "WB": lora.WB})
+    sidecar = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "module_path": lora.path,
+        "module_type": type(lora.module._module).__name__,
+        "r": lora.r,
+        "input_dim": lora.input_dim,
+        "output_dim": lora.output_dim,
+        "takes_ids": lora.takes_ids,
+        "dtype": _dtype_name(lora.WA.dtype),
+        "dropout": lora.dropout,
+        "training": lora.training,
+        "tensors": {"WA": list(lora.WA.shape), "WB": list(lora.WB.shape)},
+        "sha256": sha256_hex(data),
+    }
+    write_atomically(directory, {TENSORS_FILE: data, SIDECAR_FILE: (json.dumps(sidecar, indent=2) + "\n").encode()})
+    return directory
+
+
+def load_lora(directory: str | os.PathLike, module: "Envoy", cls: type["LORA"] | None = None) -> "LORA":
+    """A new adapter on ``module`` with the weights saved in ``directory``.
+
+    ``module`` may be at another path than the one the adapter was trained on
+    (the caller chose it); its widths must match the saved ones.
+
+    Examples:
+        >>> lora = load_lora("adapters/c_fc", model.transformer.h[0].mlp.c_fc)
+    """
+    from ..optim.lora import LORA, _check_envoy
+
+    cls = LORA if cls is None else cls
+    _check_envoy(module)
+    saved = read_saved_lora(directory)
+    _check_fits(saved, module, Path(directory))
+    lora = cls(
+        module,
+        saved.r,
+        dropout=saved.dropout,
+        dtype=saved.WA.dtype,
+        input_dim=saved.input_dim,
+        output_dim=saved.output_dim,
+    )
+    with torch.no_grad():
+        lora.WA.copy_(saved.WA)
+        lora.WB.copy_(saved.WB)
+    lora.train(saved.training)
+    return lora
+
+
+def read_saved_lora(directory: str | os.PathLike) -> SavedLora:
+    """Read and check a saved adapter: every failure names the file at fault."""
+    directory = require_directory(directory, "a saved adapter (`lora.json` and `lora.safetensors`)", _HINT)
+    sidecar_path = require_file(directory / SIDECAR_FILE, "the adapter's JSON sidecar", _HINT)
+    tensors_path = require_file(directory / TENSORS_FILE, "the adapter's tensors", _HINT)
+    sidecar = read_json(sidecar_path)
+    _check_sidecar(sidecar, sidecar_path)
+
+    data = tensors_path.read_bytes()
+    if sha256_hex(data) != sidecar["sha256"]:
+        raise ValueError(
+            f"`{tensors_path}` does not match the checksum recorded in `{sidecar_path}`: "
+            f"it is truncated or damaged, or belongs to another adapter. Save the adapter again."
+        )
+    tensors = read_tensors(tensors_path, data)
+    if set(tensors) != {"WA", "WB"}:
+        raise ValueError(f"`{tensors_path}` should hold exactly the tensors `WA` and `WB`, but holds {sorted(tensors)}.")
+    r, input_dim, output_dim = sidecar["r"], sidecar["input_dim"], sidecar["output_dim"]
+    dtype = getattr(torch, sidecar["dtype"])
+    for name, expected in (("WA", (input_dim, r)), ("WB", (r, output_dim))):
+        tensor = tensors[name]
+        if tuple(tensor.shape) != expected:
+            raise ValueError(
+                f"`{tensors_path}`: tensor `{name}` has shape {tuple(tensor.shape)}, but "
+                f"`{sidecar_path}` says r={r}, input_dim={input_dim}, output_dim={output_dim}, "
+                f"so it should be {expected}. The two files do not belong together."
+            )
+        if tensor.dtype != dtype:
+            raise ValueError(
+                f"`{tensors_path}`: tensor `{name}` is {tensor.dtype}, but `{sidecar_path}` says {dtype}."
+            )
+        check_finite(tensor, name, tensors_path)
+    return SavedLora(
+        r=r,
+        input_dim=input_dim,
+        output_dim=output_dim,
+        takes_ids=sidecar["takes_ids"],
+        dropout=float(sidecar["dropout"]),
+        training=sidecar["training"],
+        module_path=sidecar["module_path"],
+        WA=tensors["WA"],
+        WB=tensors["WB"],
+    )
+
+
+def _check_sidecar(sidecar: dict[str, Any], path: Path) -> None:
+    if sidecar.get("format") != FORMAT:
+        raise ValueError(
+            f"`{path}` is not a sidecar of this package's adapter format (its `format` is "
+            f"{sidecar.get('format')!r}, expected {FORMAT!r}). For a PEFT adapter use `import_peft`."
+        )
+    version = sidecar.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"`{path}`: `format_version` must be a positive int, got {version!r}.")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"`{path}` was written in format version {version} by nnsight-toolbox "
+            f"{sidecar.get('package_version', '?')}; this version reads up to format "
+            f"version {FORMAT_VERSION}. Upgrade nnsight-toolbox to load it."
+        )
+    expected = {
+        "module_path": str,
+        "r": int,
+        "input_dim": int,
+        "output_dim": int,
+        "takes_ids": bool,
+        "dtype": str,
+        "training": bool,
+        "sha256": str,
+    }
+    for key, kind in expected.items():
+        value = sidecar.get(key)
+        wrong_bool = kind is int and isinstance(value, bool)
+        if not isinstance(value, kind) or wrong_bool or (kind is int and value < 1):
+            raise ValueError(
+                f"`{path}`: field `{key}` should be a {'positive int' if kind is int else kind.__name__}, got {value!r}."
+            )
+    if not is_number(sidecar.get("dropout")) or not 0.0 <= sidecar["dropout"] < 1.0:
+        raise ValueError(f"`{path}`: field `dropout` should be a number in [0, 1), got {sidecar.get('dropout')!r}.")
+    dtype = getattr(torch, sidecar["dtype"], None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"`{path}`: field `dtype` should name a floating torch dtype, got {sidecar['dtype']!r}.")
+
+
+def _check_fits(saved: SavedLora, module: "Envoy", directory: Path) -> None:
+    """The saved widths must be the module's; its path may differ (the caller chose it)."""
+    dims = infer_dims(module)
+    saved_shape = (saved.input_dim, saved.output_dim)
+    module_shape = (dims.input_dim, dims.output_dim)
+    if saved_shape != module_shape or saved.takes_ids != dims.takes_ids:
+        what = lambda ids: "token ids" if ids else "activations"  # noqa: E731
+        raise ValueError(
+            f"The adapter in `{directory}` was trained on `{saved.module_path}` with "
+            f"(input_dim, output_dim) = {saved_shape} on {what(saved.takes_ids)}, but "
+            f"`{module.path}` ({type(module._module).__name__}) has {module_shape} on "
+            f"{what(dims.takes_ids)}. Load it onto a module of the same shape."
+        )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,550 @@
+"""PEFT's LoRA format: export adapters to it, import adapters from it.
+
+A PEFT LoRA adapter is a directory with ``adapter_config.json`` and
+``adapter_model.safetensors``, which ``peft.PeftModel.from_pretrained`` and
+nnsight's ``TransformersModel(path, peft=directory)`` load. Its tensors are
+named after the Hugging Face module they adapt, and map onto this package's
+``WA (in, r)`` and ``WB (r, out)`` by a transpose::
+
+    base_model.model.<module>.lora_A.weight      (r, in)     = WA.T      Linear, Conv1D
+    base_model.model.<module>.lora_B.weight      (out, r)    = WB.T
+    base_model.model.<module>.lora_embedding_A   (r, V)      = WA.T      Embedding
+    base_model.model.<module>.lora_embedding_B   (dim, r)    = WB.T
+
+PEFT scales the low-rank term by ``s = lora_alpha / r`` (``lora_alpha /
+sqrt(r)`` with ``use_rslora``; Kalajdzievski 2023, arXiv:2312.03732), with
+``r`` and ``lora_alpha`` overridden per module by ``rank_pattern`` and
+``alpha_pattern``, whose keys are regular expressions matched against the end
+of the module name (the first key that matches wins). Exporting picks
+``lora_alpha = alpha * r`` so that ``s == alpha``; importing folds ``s`` into
+``WB``, so ``lora()`` with the default ``alpha=1`` reproduces PEFT.
+
+Only plain LoRA on Linear, Conv1D and Embedding layers has this form; any
+other target, or any PEFT variant (DoRA, biases, prompt tuning, ...), is
+refused with an error that says why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import torch
+
+from ..optim.activation import check_alpha
+from ..optim.dims import weight_dims
+from .files import (
+    check_finite,
+    is_number,
+    read_json,
+    read_tensors,
+    require_directory,
+    require_file,
+    tensor_bytes,
+    write_atomically,
+)
+from .layers import describe_module, hf_name, layer_kind
+
+if TYPE_CHECKING:
+    from nnsight.intervention.envoy import Envoy
+
+    from ..optim.lora import LORA
+
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "export_peft", "import_peft"]
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLED_WEIGHTS_FILE = "adapter_model.bin"
+#: PeftModel keeps the Hugging Face model at ``base_model.model``; saved keys carry that prefix.
+KEY_PREFIX = "base_model.model."
+
+#: What each saved tensor is, by the suffix after the module name: its role, and
+#: whether it belongs to an embedding (``None``: either).
+_PARTS = {
+    "lora_A.weight": ("A", False),
+    "lora_B.weight": ("B", False),
+    "lora_embedding_A": ("A", True),
+    "lora_embedding_B": ("B", True),
+    # PEFT's `save_embedding_layers="auto"` also saves the *base* weight of a targeted
+    # embedding (`embed_tokens`, `lm_head`), to carry a resized vocabulary. It must be
+    # the model's own weight, or the adapter alone would not reproduce PEFT.
+    "base_layer.weight": ("base", None),
+}
+_KEY = re.compile(rf"^(?:{re.escape(KEY_PREFIX)})?(?P<name>.+)\.(?P<part>{'|'.join(map(re.escape, _PARTS))})$")
+
+#: LoRA config options that make an adapter something other than plain LoRA
+#: (set to anything but their default), with the name to give it.
+_VARIANTS = {
+    "use_dora": "DoRA (`use_dora`)",
+    "use_qalora": "QALoRA (`use_qalora`)",
+    "alora_invocation_tokens": "activated LoRA (`alora_invocation_tokens`)",
+    "velora_config": "VeLoRA (`velora_config`)",
+    "monteclora_config": "MonteCLoRA (`monteclora_config`)",
+    "use_bdlora": "block-diagonal LoRA (`use_bdlora`)",
+    "arrow_config": "Arrow routing (`arrow_config`)",
+    "kasa_config": "KaSA (`kasa_config`)",
+    "lora_bias": "LoRA with a bias on `lora_B` (`lora_bias`)",
+    "modules_to_save": "fully trained module copies (`modules_to_save`)",
+    "trainable_token_indices": "trainable tokens (`trainable_token_indices`)",
+    "layer_replication": "layer replication (`layer_replication`)",
+    "target_parameters": "LoRA on bare parameters (`target_parameters`)",
+}
+#: ``init_lora_weights`` values that change the *base* weights when PEFT loads the
+#: adapter (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) or select a variant (MiCA).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
+
+Adapters = Union["LORA", Mapping[str, "LORA"], Iterable["LORA"]]
+
+
+# ---------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------
+
+
+def export_peft(
+    loras: Adapters,
+    directory: str | os.PathLike,
+    *,
+    alpha: float = 1.0,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write adapters as a PEFT LoRA adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+    The directory then loads with ``peft.PeftModel.from_pretrained(base, directory)``
+    and with nnsight's ``TransformersModel(path, peft=directory)`` or
+    ``model.load_adapter(directory)``, and computes what ``lora(alpha)`` computes
+    inside a trace.
+
+    Args:
+        loras: One `LORA`, a list (any iterable) of them, or a mapping of
+            path to `LORA`, all on modules of one model. Each must sit on an
+            ``nn.Linear``, GPT-2 ``Conv1D`` or ``nn.Embedding``.
+        directory: Where to write (created if needed; the two files are replaced).
+        alpha: The scale PEFT will apply, as ``lora(alpha)`` does. Written as
+            ``lora_alpha = alpha * r`` (PEFT's scaling is ``lora_alpha / r``).
+        base_model_name_or_path: Recorded in the config for ``AutoPeftModel``;
+            by default the model's own ``config.name_or_path``.
+
+    PEFT has one ``lora_dropout`` for all modules; the largest of the adapters'
+    is written (dropout acts only in training). Adapters of different ranks
+    get entries in ``rank_pattern``/``alpha_pattern`` keyed by their escaped
+    full module name, which PEFT's rule matches against that module only.
+
+    Returns:
+        The directory.
+
+    Raises:
+        TypeError: A target is not a Linear, Conv1D or Embedding (use `LORA.save`),
+            or ``loras`` holds something other than `LORA` objects.
+        ValueError: Adapters on different models, two on one module, or NaN/Inf weights.
+
+    Examples:
+        >>> lora = LORA(model.transformer.h[0].mlp.c_fc, r=8)
+        >>> export_peft(lora, "peft-adapter", alpha=2.0)
+        >>> peft_model = PeftModel.from_pretrained(hf_model, "peft-adapter")
+    """
+    adapters = _as_list(loras)
+    alpha = check_alpha(alpha)
+    root = adapters[0].module.root
+    entries: list[tuple[str, str, "LORA"]] = []  # (HF name, layer kind, adapter)
+    seen: dict[str, str] = {}
+    for lora in adapters:
+        if lora.module.root is not root:
+            raise ValueError(
+                f"`export_peft` writes one adapter directory for one model, but the adapter on "
+                f"`{lora.path}` belongs to a different model than the one on `{adapters[0].path}`. "
+                f"Export each model's adapters to its own directory."
+            )
+        name = hf_name(lora.module)
+        if name in seen:
+            raise ValueError(
+                f"Two adapters sit on `{lora.path}`; a PEFT adapter holds one per module. "
+                f"Export them to separate directories."
+            )
+        kind = _exportable_kind(lora)
+        check_finite(lora.WA.detach(), "WA", f"the adapter on {lora.path}")
+        check_finite(lora.WB.detach(), "WB", f"the adapter on {lora.path}")
+        seen[name] = kind
+        entries.append((name, kind, lora))
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, kind, lora in entries:
+        a, b = ("lora_embedding_A", "lora_embedding_B") if kind == "Embedding" else ("lora_A.weight", "lora_B.weight")
+        tensors[f"{KEY_PREFIX}{name}.{a}"] = lora.WA.detach().T  # (in, r) -> (r, in)
+        tensors[f"{KEY_PREFIX}{name}.{b}"] = lora.WB.detach().T  # (r, out) -> (out, r)
+
+    config = _export_config(entries, alpha, root, base_model_name_or_path)
+    directory = Path(directory)
+    write_atomically(
+        directory,
+        {WEIGHTS_FILE: tensor_bytes(tensors), CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode()},
+    )
+    return directory
+
+
+def _as_list(loras: Any) -> list["LORA"]:
+    from ..optim.lora import LORA
+
+    if isinstance(loras, LORA):
+        adapters = [loras]
+    elif isinstance(loras, Mapping):
+        adapters = list(loras.values())
+    elif isinstance(loras, Iterable) and not isinstance(loras, (str, bytes, torch.Tensor)):
+        adapters = list(loras)
+    else:
+        raise TypeError(
+            f"`export_peft` takes a `LORA`, a list of them, or a mapping of path to `LORA`, "
+            f"got {type(loras).__name__}."
+        )
+    wrong = [type(a).__name__ for a in adapters if not isinstance(a, LORA)]
+    if wrong:
+        raise TypeError(f"`export_peft` exports `LORA` adapters only, but was also given: {', '.join(wrong)}.")
+    if not adapters:
+        raise ValueError("`export_peft` was given no adapters; pass at least one `LORA`.")
+    return adapters
+
+
+def _exportable_kind(lora: "LORA") -> str:
+    module = lora.module._module
+    kind = layer_kind(module)
+    if kind is None:
+        raise TypeError(
+            f"Cannot export the adapter on {describe_module(lora.module)} to PEFT: PEFT's LoRA "
+            f"format adapts single layers (`nn.Linear`, GPT-2 `Conv1D`, `nn.Embedding`) through "
+            f"their weight, and this module is none of those, so PEFT has no form for its adapter. "
+            f"Save it in this package's format with `lora.save(directory)` and load it back with "
+            f"`LORA.load(directory, module)`."
+        )
+    dims = weight_dims(module)
+    if (dims.input_dim, dims.output_dim) != (lora.input_dim, lora.output_dim):
+        raise ValueError(
+            f"The adapter on `{lora.path}` has (input_dim, output_dim) = "
+            f"{(lora.input_dim, lora.output_dim)}, but its {kind} has "
+            f"{(dims.input_dim, dims.output_dim)}; PEFT needs the layer's own widths."
+        )
+    return kind
+
+
+def _export_config(
+    entries: list[tuple[str, str, "LORA"]], alpha: float, root: "Envoy", base_model_name_or_path: str | None
+) -> dict[str, Any]:
+    # The most common rank goes in `r`; the others in `rank_pattern`/`alpha_pattern`,
+    # keyed by the escaped full module name so each key matches that module only.
+    r = Counter(lora.r for _, _, lora in entries).most_common(1)[0][0]  # ties: the first adapter's
+    rank_pattern = {re.escape(name): lora.r for name, _, lora in entries if lora.r != r}
+    config_obj = getattr(root._module, "config", None)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(config_obj, "name_or_path", None) or None
+    return {
+        "peft_type": "LORA",
+        "task_type": _task_type(root._module),
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha * r,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": {key: alpha * rank for key, rank in rank_pattern.items()},
+        "use_rslora": False,
+        "target_modules": [name for name, _, _ in entries],
+        # PEFT reads Conv1D weights as (in, out) when this is set; it only matters for
+        # merging, and PEFT corrects it per layer when the targets mix Linear and Conv1D.
+        "fan_in_fan_out": any(kind == "Conv1D" for _, kind, _ in entries),
+        # PEFT has a single dropout; it acts only in training.
+        "lora_dropout": max(lora.dropout for _, _, lora in entries),
+        "bias": "none",
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "revision": None,
+    }
+
+
+def _task_type(module: torch.nn.Module) -> str | None:
+    """``"CAUSAL_LM"`` for a causal LM, so that PEFT wraps it in its causal-LM class."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return "CAUSAL_LM" if type(module).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) else None
+
+
+# ---------------------------------------------------------------------------
+# Import
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One adapted module, checked against the model, before any adapter is built."""
+
+    envoy: "Envoy"
+    r: int
+    scale: float
+    A: torch.Tensor  # (r, in), or (r, V) for an embedding
+    B: torch.Tensor  # (out, r), or (dim, r)
+
+
+def import_peft(model: "Envoy", directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> dict[str, "LORA"]:
+    """Adapters that reproduce a PEFT LoRA adapter inside nnsight traces.
+
+    Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (never a
+    pickled ``adapter_model.bin``), checks every tensor against the model, and
+    only then builds one `LORA` per adapted module. PEFT's scaling (``lora_alpha /
+    r``, or ``/ sqrt(r)`` with ``use_rslora``, per module with ``rank_pattern`` and
+    ``alpha_pattern``) is folded into ``WB``, so ``lora()`` with the default
+    ``alpha=1`` computes what ``PeftModel`` computes. The model is not changed.
+
+    The adapters come back in eval mode (dropout off), as PEFT loads an adapter
+    for inference; call ``.train()`` on one to train it further.
+
+    Args:
+        model: The nnsight model the adapter was trained on (its root, e.g.
+            ``LanguageModel(...)``), loaded or not.
+        directory: A PEFT LoRA adapter directory, written by PEFT's
+            ``save_pretrained`` or by `export_peft`.
+        dtype: The adapters' dtype; float32 as PEFT computes by default.
+
+    Returns:
+        ``{module path: LORA}`` in the order the modules appear in the model,
+        keyed by nnsight path (``"model.transformer.h.0.mlp.c_fc"``, equal to ``lora.path``).
+
+    Raises:
+        FileNotFoundError: The directory or one of its two files is missing.
+        ValueError: A config that is not plain LoRA (another ``peft_type``, DoRA,
+            ...), a damaged file, or a tensor that does not fit the model; the
+            message names the file.
+
+    Examples:
+        >>> loras = import_peft(model, "peft-adapter")
+        >>> with model.trace("Hello"):
+        ...     for lora in loras.values():
+        ...         lora()
+        ...     logits = model.lm_head.output.save()
+    """
+    from ..optim.lora import LORA, _check_dtype, _check_envoy
+
+    _check_envoy(model)
+    if model.root is not model:
+        raise ValueError(
+            f"`import_peft` needs the whole model, since PEFT names modules from its root; "
+            f"got the module `{model.path}`. Pass `model` itself."
+        )
+    _check_dtype(dtype)
+    settings, targets = _read_peft_adapter(model, Path(directory))
+    loras: dict[str, LORA] = {}
+    for target in targets:
+        lora = LORA(target.envoy, target.r, dropout=settings.dropout, dtype=dtype)
+        with torch.no_grad():
+            lora.WA.copy_(target.A.T.to(dtype))  # (r, in) -> (in, r)
+            lora.WB.copy_((target.B.T.to(torch.float64) * target.scale).to(dtype))  # (out, r) -> (r, out), scaled
+        lora.eval()
+        loras[lora.path] = lora
+    return loras
+
+
+def _read_peft_adapter(model: "Envoy", directory: Path) -> tuple["_Settings", list[_Target]]:
+    """Every check of a PEFT adapter directory against ``model``, in module order."""
+    hint = "A PEFT LoRA adapter directory holds `adapter_config.json` and `adapter_model.safetensors`."
+    directory = require_directory(directory, "a PEFT adapter", hint)
+    config_path = require_file(directory / CONFIG_FILE, "the adapter's PEFT config", hint)
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file() and (directory / PICKLED_WEIGHTS_FILE).is_file():
+        raise ValueError(
+            f"`{directory / PICKLED_WEIGHTS_FILE}` is a pickle, which `import_peft` never loads "
+            f"(unpickling can run arbitrary code). Re-save the adapter as safetensors with "
+            f"PEFT: `PeftModel.from_pretrained(base, directory).save_pretrained(new_directory)`."
+        )
+    require_file(weights_path, "the adapter's tensors", hint)
+    config = read_json(config_path)
+    settings = _check_config(config, config_path)
+    tensors = read_tensors(weights_path)
+
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    kinds: dict[str, bool] = {}  # name -> is an embedding pair
+    strays = []
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            strays.append(key)
+            continue
+        role, embedding = _PARTS[match["part"]]
+        name = match["name"]
+        if embedding is not None and kinds.setdefault(name, embedding) != embedding:
+            raise ValueError(f"`{weights_path}` mixes Linear and Embedding LoRA tensors for `{name}`.")
+        groups.setdefault(name, {})[role] = tensor
+    if strays:
+        dora = any("lora_magnitude_vector" in key for key in strays)
+        raise ValueError(
+            f"`{weights_path}` holds tensors a plain LoRA adapter does not have, e.g. "
+            f"{strays[:3]}{' (DoRA magnitude vectors)' if dora else ''}. `import_peft` takes "
+            f"plain LoRA (`lora_A`/`lora_B`, `lora_embedding_A`/`lora_embedding_B`) only."
+        )
+    if not groups:
+        raise ValueError(f"`{weights_path}` holds no LoRA tensors.")
+
+    order = {name: index for index, (name, _) in enumerate(model._module.named_modules())}
+    missing = [name for name in groups if name not in order]
+    if missing:
+        raise ValueError(
+            f"`{weights_path}` adapts {missing[:3]}, which this model has no module named "
+            f"(its modules are named like {list(order)[1:4]}). Was the adapter trained on "
+            f"another architecture? Pass the model it was trained on."
+        )
+    targets = []
+    for name in sorted(groups, key=order.__getitem__):
+        if name not in kinds:
+            raise ValueError(
+                f"`{weights_path}` holds a base weight for `{name}` (`{name}.base_layer.weight`) "
+                f"but no LoRA tensors for it; only a module that is adapted may carry one."
+            )
+        targets.append(_check_target(model.get(name), name, groups[name], kinds[name], settings, weights_path))
+    return settings, targets
+
+
+@dataclass(frozen=True)
+class _Settings:
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    dropout: float
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+
+    def rank_and_scale(self, name: str) -> tuple[int, float]:
+        """PEFT's rank and scaling for module ``name``."""
+        r = _pattern_value(self.rank_pattern, name, self.r)
+        lora_alpha = _pattern_value(self.alpha_pattern, name, self.lora_alpha)
+        return r, lora_alpha / (math.sqrt(r) if self.use_rslora else r)
+
+
+def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's rule: the first key whose regex matches the end of ``name`` at a dot boundary."""
+    for key, value in pattern.items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
+            return value
+    return default
+
+
+def _check_config(config: dict[str, Any], path: Path) -> _Settings:
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(
+            f"`{path}` describes a {peft_type!r} adapter (`peft_type`), but `import_peft` takes "
+            f"plain LoRA adapters (`peft_type` 'LORA') only. Load it with "
+            f"`peft.PeftModel.from_pretrained` instead."
+        )
+    for key, variant in _VARIANTS.items():
+        if config.get(key) not in (None, False, [], {}):
+            raise ValueError(
+                f"`{path}` describes a {variant} adapter, not plain LoRA, and `import_peft` "
+                f"takes plain LoRA only. Load it with `peft.PeftModel.from_pretrained` instead."
+            )
+    if config.get("bias", "none") != "none":
+        raise ValueError(
+            f"`{path}` trains the model's biases too (`bias`={config['bias']!r}); `import_peft` "
+            f"takes adapters with `bias`='none' only, since those biases are not a LoRA term."
+        )
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise ValueError(
+            f"`{path}` was initialised with `init_lora_weights`={init!r}, which makes PEFT "
+            f"change the base weights when it loads the adapter, so the adapter alone does "
+            f"not reproduce it. Convert it to plain LoRA with PEFT first (`save_pretrained(..., "
+            f"path_initial_model_for_weight_conversion=...)`)."
+        )
+    r = config.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"`{path}`: `r` should be a positive int, got {r!r}.")
+    lora_alpha = config.get("lora_alpha", 8)
+    if not is_number(lora_alpha):
+        raise ValueError(f"`{path}`: `lora_alpha` should be a number, got {lora_alpha!r}.")
+    use_rslora = config.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise ValueError(f"`{path}`: `use_rslora` should be true or false, got {use_rslora!r}.")
+    dropout = config.get("lora_dropout", 0.0)
+    if not is_number(dropout) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`{path}`: `lora_dropout` should be a number in [0, 1), got {dropout!r}.")
+    patterns = {}
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key) or {}
+        ok = isinstance(pattern, dict) and all(isinstance(k, str) and is_number(v) for k, v in pattern.items())
+        if not ok:
+            raise ValueError(f"`{path}`: `{key}` should map module-name patterns to numbers, got {pattern!r}.")
+        for k in pattern:
+            try:
+                re.compile(k)
+            except re.error as error:
+                raise ValueError(f"`{path}`: `{key}` key {k!r} is not a valid regular expression ({error}).") from error
+        patterns[key] = pattern
+    return _Settings(r, float(lora_alpha), use_rslora, float(dropout), patterns["rank_pattern"], patterns["alpha_pattern"])
+
+
+def _check_target(
+    envoy: "Envoy",
+    name: str,
+    pair: dict[str, torch.Tensor],
+    embedding: bool,
+    settings: _Settings,
+    path: Path,
+) -> _Target:
+    names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+    for role, tensor_name in zip("AB", names):
+        if role not in pair:
+            raise ValueError(f"`{path}` has no `{KEY_PREFIX}{name}.{tensor_name}`: each adapted module needs both tensors.")
+    kind = layer_kind(envoy._module)
+    if kind is None or (kind == "Embedding") != embedding:
+        expected = "an `nn.Embedding`" if embedding else "an `nn.Linear` or GPT-2 `Conv1D`"
+        raise ValueError(
+            f"`{path}` holds {names[0]} tensors for `{name}`, which need {expected}, but the "
+            f"model's module there is {describe_module(envoy)}. Was the adapter trained on another model?"
+        )
+    r, scale = settings.rank_and_scale(name)
+    dims = weight_dims(envoy._module)
+    expected_shapes = {"A": (r, dims.input_dim), "B": (dims.output_dim, r)}
+    for role, tensor_name in zip("AB", names):
+        tensor = pair[role]
+        full = f"{KEY_PREFIX}{name}.{tensor_name}"
+        if tuple(tensor.shape) != expected_shapes[role]:
+            raise ValueError(
+                f"`{path}`: tensor `{full}` has shape {tuple(tensor.shape)}, but the model's "
+                f"{kind} `{name}` with r={r} (from the config) needs {expected_shapes[role]}. "
+                f"Was the adapter trained on another model, or is the config from another adapter?"
+            )
+        if not tensor.is_floating_point():
+            raise ValueError(f"`{path}`: tensor `{full}` is {tensor.dtype}, not floating point.")
+        check_finite(tensor, full, path)
+    if "base" in pair:
+        _check_saved_base_weight(envoy, name, pair["base"], path)
+    return _Target(envoy=envoy, r=r, scale=scale, A=pair["A"], B=pair["B"])
+
+
+def _check_saved_base_weight(envoy: "Envoy", name: str, saved: torch.Tensor, path: Path) -> None:
+    """A base weight PEFT saved beside the adapter must be the model's own weight."""
+    weight = envoy._module.weight
+    key = f"{KEY_PREFIX}{name}.base_layer.weight"
+    if tuple(saved.shape) != tuple(weight.shape):
+        raise ValueError(
+            f"`{path}`: `{key}` has shape {tuple(saved.shape)}, but the model's `{name}` weight "
+            f"has {tuple(weight.shape)}: the adapter was trained with a resized vocabulary. "
+            f"Resize the model's embeddings the same way before importing it."
+        )
+    if weight.is_meta:
+        warnings.warn(
+            f"`{path}` carries the base weight of `{name}` (PEFT saves it for targeted "
+            f"embeddings), and the model is not loaded yet, so it could not be checked against "
+            f"the model's own weight. The imported adapters reproduce PEFT only if it is the same.",
+            stacklevel=5,  # the caller of `import_peft`
+        )
+        return
+    if not torch.equal(saved.to(weight.dtype), weight.detach().cpu()):
+        raise ValueError(
+            f"`{path}`: `{key}` differs from the model's own `{name}` weight, so PEFT would "
+            f"replace that weight when loading the adapter, and the LoRA tensors alone do not "
+            f"reproduce it. Import it onto the model it was trained on."
+        )
