@@ -1,4 +1,4 @@
-"""The ```python blocks of the artifacts guide and README section run top to bottom."""
+"""The ```python blocks of the artifacts guide run top to bottom (the README's run in test_readme)."""
 
 import re
 import runpy
@@ -6,8 +6,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "guides" / "save-load-export.md"
-SECTION = ROOT / "docs" / "README-artifacts-section.md"
-README = ROOT / "README.md"
 
 
 def python_blocks(text: str) -> list[str]:
@@ -32,16 +30,3 @@ def test_the_guide_runs(tmp_path):
         "model.transformer.h.1.attn.c_attn",
         "model.transformer.h.1.mlp.c_fc",
     ]
-
-
-def test_the_readme_section_runs_after_the_quickstart(tmp_path):
-    """As the README will hold it: the Quickstart, then this section, in one namespace."""
-    readme = README.read_text()
-    section = SECTION.read_text()
-    blocks = python_blocks(readme)
-    if "## Keep, share and merge adapters" not in readme:
-        blocks += python_blocks(section)
-    namespace = run_blocks(blocks, tmp_path)
-    assert namespace["c_fc"].merged is False
-    adapted, base = namespace["model"].tokenizer.batch_decode(namespace["ids"][:, -3:])
-    assert adapted.startswith(" ") and adapted != base  # the README test's own check still holds
