@@ -19,8 +19,13 @@ import torch
 
 __all__ = ["FAMILIES", "byte_level_tokenizer", "tiny_config", "save_tiny_model"]
 
-#: The model families `tiny_config` knows, each with the layer paths a test needs.
 FAMILIES = ("gpt2", "llama", "qwen2", "gpt_neox")
+"""The model families `tiny_config` and `save_tiny_model` know.
+
+Examples:
+    >>> "llama" in FAMILIES
+    True
+"""
 
 EOS = "<|endoftext|>"
 

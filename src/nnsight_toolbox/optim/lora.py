@@ -66,6 +66,8 @@ class LORA(Optimization):
         WB: ``torch.nn.Parameter`` of shape ``(r, output_dim)``.
         input_dim: Width of the module's first input.
         output_dim: Width of the module's output.
+        dropout: Dropout probability on the adapter's input.
+        takes_ids: Whether the module is an embedding, whose input is token ids.
 
     Examples:
         >>> lora = LORA(model.transformer.h[0].mlp, r=10)
@@ -74,6 +76,80 @@ class LORA(Optimization):
         ...     lora()
         ...     logits = model.lm_head.output.save()
         >>> logits.sum().backward()     # gradients reach lora.WA and lora.WB
+    """
+
+    # Instance attributes, declared here so that each has its own entry in the
+    # API reference (the documentation tools read these docstrings; Python does not).
+
+    module: Envoy
+    """The nnsight Envoy of the adapted module, as passed to the constructor.
+
+    Examples:
+        >>> lora.module.path
+        'model.transformer.h.0.mlp'
+    """
+
+    r: int
+    """The rank: the inner width of ``WA @ WB``.
+
+    Examples:
+        >>> lora.r
+        8
+    """
+
+    WA: torch.nn.Parameter
+    """The first factor, shape ``(input_dim, r)``; PEFT's ``lora_A.weight`` is its transpose.
+
+    Starts kaiming-uniform, as PEFT's ``lora_A`` does. For an ``nn.Embedding``
+    its rows are looked up by token id instead of multiplied.
+
+    Examples:
+        >>> lora.WA.shape          # (input_dim, r): GPT-2's MLP block takes the hidden width
+        torch.Size([32, 8])
+    """
+
+    WB: torch.nn.Parameter
+    """The second factor, shape ``(r, output_dim)``; PEFT's ``lora_B.weight`` is its transpose.
+
+    Starts at zero, so a fresh adapter changes nothing until it is trained.
+
+    Examples:
+        >>> lora.WB.shape          # (r, output_dim)
+        torch.Size([8, 32])
+        >>> bool(lora.WB.eq(0).all())
+        True
+    """
+
+    input_dim: int
+    """Width of the module's first input (the vocabulary size for an embedding).
+
+    Examples:
+        >>> lora.input_dim == lora.WA.shape[0]
+        True
+    """
+
+    output_dim: int
+    """Width of the module's output (of its first element, for a tuple output).
+
+    Examples:
+        >>> lora.output_dim == lora.WB.shape[1]
+        True
+    """
+
+    dropout: float
+    """Dropout probability on the adapter's input, applied only in training mode.
+
+    Examples:
+        >>> LORA(model.transformer.h[0].mlp, r=8, dropout=0.1).dropout
+        0.1
+    """
+
+    takes_ids: bool
+    """Whether the module is an ``nn.Embedding``: its input is token ids, and ``WA`` is looked up by id.
+
+    Examples:
+        >>> LORA(model.transformer.wte, r=8).takes_ids
+        True
     """
 
     def __init__(
@@ -106,7 +182,12 @@ class LORA(Optimization):
 
     @property
     def path(self) -> str:
-        """The module path the adapter acts on, e.g. ``"model.transformer.h.0.mlp"``."""
+        """The module path the adapter acts on, e.g. ``"model.transformer.h.0.mlp"``.
+
+        Examples:
+            >>> lora.path
+            'model.transformer.h.0.mlp'
+        """
         return self.module.path
 
     def reset_parameters(self) -> None:
@@ -124,16 +205,19 @@ class LORA(Optimization):
             self.WB.zero_()
 
     def forward(self, alpha: float = 1.0, *, steps: Steps = None) -> None:
-        """Switch the adapter on for the running trace, from this call onward.
+        """``lora(alpha=1.0)``: switch the adapter on for the running trace, from this call onward.
 
-        Acts on every forward pass of the run, so in ``model.generate(...)`` on
+        You call the adapter itself (``lora(...)``, which runs this method) inside
+        ``model.trace(...)``, ``model.generate(...)`` or a ``tracer.invoke(...)``.
+        It acts on every forward pass of the run, so in ``model.generate(...)`` on
         the prefill and every generated token, with no ``tracer.all()`` loop.
         Only the rows of the invoke it is called in are adapted. Calling it again
         in the same invoke updates ``alpha``/``steps`` and never applies it twice.
         Code after the call runs as usual and sees the adapted values.
 
         Args:
-            alpha: Scale of the low-rank term; a finite number.
+            alpha: Scale of the low-rank term; a finite number. 0 switches the
+                adapter off for this invoke.
             steps: Restrict it to some forward passes of the run: an int, a
                 ``slice`` (``slice(1, None)``: every generated token but not the
                 prefill), a ``range`` or an iterable of ints. Pass 0 is the
@@ -143,10 +227,25 @@ class LORA(Optimization):
         a `RuntimeError`: the delta is already in every row of every run, so it
         can neither be added again nor be limited to one invoke.
 
+        Raises:
+            RuntimeError: Called outside a trace, in a trace of another model, by
+                two invokes of one run whose rows overlap, or while merged.
+            ValueError: ``alpha`` is not a finite number, or ``steps`` holds
+                something other than non-negative ints.
+
         Examples:
             >>> with model.generate("Hello", max_new_tokens=5) as tracer:
             ...     lora(alpha=2.0)
             ...     ids = tracer.result.save()
+
+            One batch, one invoke adapted and one not:
+
+            >>> with model.trace() as tracer:
+            ...     with tracer.invoke("Hello"):
+            ...         lora()
+            ...         adapted = model.lm_head.output.save()
+            ...     with tracer.invoke("Hello"):
+            ...         base = model.lm_head.output.save()
         """
         if self.merged:
             raise RuntimeError(

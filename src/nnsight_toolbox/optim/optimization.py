@@ -32,17 +32,42 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
         >>> with model.trace("The Eiffel Tower is in"):
         ...     lora()                                        # applies it in this trace
         ...     logits = model.lm_head.output.save()
+
+        A trainable intervention of your own: a steering vector added to a
+        module's output.
+
+        >>> class Steer(Optimization):
+        ...     def __init__(self, module, width):
+        ...         Optimization.__init__(self)       # not super(): see above
+        ...         self.module = module
+        ...         self.vector = torch.nn.Parameter(torch.zeros(width))
+        ...     def forward(self):
+        ...         self.module.output = self.module.output + self.vector
+        >>> steer = Steer(model.transformer.h[0], width=32)
+        >>> with model.trace("The Eiffel Tower is in"):
+        ...     steer()
+        ...     logits = model.lm_head.output.save()
+        >>> logits.sum().backward()
+        >>> steer.vector.grad.shape
+        torch.Size([32])
     """
 
     @abc.abstractmethod
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Apply the intervention to the running trace."""
+        """Apply the intervention to the running trace; you call the instance, not this method.
+
+        Examples:
+            >>> with model.trace("Hello"):
+            ...     lora()              # runs LORA.forward inside this trace
+        """
 
     def parameters(self, recurse: bool = True) -> list[torch.nn.Parameter]:  # type: ignore[override]
         """The trainable tensors, as a list ready for a torch optimizer.
 
         Examples:
             >>> optimizer = torch.optim.AdamW(lora.parameters(), lr=1e-3)
+            >>> [tuple(p.shape) for p in lora.parameters()]     # WA, WB
+            [(32, 8), (8, 32)]
         """
         return list(torch.nn.Module.parameters(self, recurse))
 

@@ -1,0 +1,92 @@
+"""The package's public API and its docstrings, read as the documentation tools read them.
+
+griffe is the library mkdocstrings renders the API reference with; reading the
+source through it means these tests see the same objects, docstrings (those of
+attributes included) and line numbers that the site shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import griffe
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "nnsight_toolbox"
+
+#: Public names that are torch hooks this package overrides, not API of its own.
+NOT_API = {"extra_repr"}
+
+
+@dataclass(frozen=True)
+class PublicObject:
+    """One public object: the names it is public under, and its definition."""
+
+    paths: tuple[str, ...]  # e.g. ("nnsight_toolbox.LORA", "nnsight_toolbox.optim.LORA", ...)
+    obj: griffe.Object
+
+    @property
+    def name(self) -> str:
+        return self.paths[0]
+
+
+def load_package() -> griffe.Module:
+    return griffe.load(PACKAGE, search_paths=[str(ROOT / "src")], docstring_parser="google", resolve_aliases=True)
+
+
+def modules(module: griffe.Module) -> list[griffe.Module]:
+    found = [module]
+    for member in module.members.values():
+        if not member.is_alias and member.is_module:
+            found.extend(modules(member))
+    return found
+
+
+def public_objects(package: griffe.Module | None = None) -> list[PublicObject]:
+    """Every name in the ``__all__`` of a module of the package, and the public
+    members of the classes among them (those inherited from the package's own
+    classes too), each once, under all the paths it is public under, shortest first."""
+    package = package or load_package()
+    paths: dict[str, list[str]] = {}
+    objects: dict[str, griffe.Object] = {}
+
+    def add(path: str, obj: griffe.Object) -> None:
+        target = obj.final_target if obj.is_alias else obj
+        objects[target.path] = target
+        paths.setdefault(target.path, []).append(path)
+        if target.is_class:
+            for name, member in target.all_members.items():
+                if not name.startswith("_") and name not in NOT_API:
+                    add(f"{path}.{name}", member)
+
+    for module in modules(package):
+        for name in module.exports or ():
+            if name != "__version__":
+                add(f"{module.path}.{name}", module.members[name])
+    return [
+        PublicObject(tuple(sorted(set(found), key=lambda p: (p.count("."), p))), objects[target])
+        for target, found in sorted(paths.items())
+    ]
+
+
+def documented_objects(package: griffe.Module | None = None) -> list[griffe.Object]:
+    """Every object of the package that has a docstring, private ones included."""
+    package = package or load_package()
+    found: list[griffe.Object] = []
+
+    def walk(obj: griffe.Object) -> None:
+        if obj.docstring is not None:
+            found.append(obj)
+        for member in obj.members.values():
+            if not member.is_alias:
+                walk(member)
+
+    walk(package)
+    return found
+
+
+def has_examples(obj: griffe.Object) -> bool:
+    return obj.docstring is not None and any(
+        section.kind is griffe.DocstringSectionKind.examples for section in obj.docstring.parsed
+    )

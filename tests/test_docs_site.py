@@ -1,0 +1,67 @@
+"""The documentation site builds with no warnings, and documents every public name with an example.
+
+The build is the one the README names, ``mkdocs build --strict``: any warning
+(a cross-reference to a name that does not exist, a link to a missing page or
+anchor, a docstring mkdocstrings cannot read) fails it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mkdocs", reason="the docs build needs the `docs` extra: pip install -e '.[docs]'")
+pytest.importorskip("mkdocstrings_handlers.python", reason="the docs build needs the `docs` extra: pip install -e '.[docs]'")
+
+from public_api import ROOT, has_examples, public_objects  # noqa: E402  (needs griffe, from the `docs` extra)
+
+
+def build(config: Path, site: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # a theme banner, not a build warning
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config), "--site-dir", str(site)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("site")
+    result = build(ROOT / "mkdocs.yml", folder)
+    assert result.returncode == 0, f"`mkdocs build --strict` failed:\n{result.stdout}\n{result.stderr}"
+    assert "WARNING" not in result.stderr, result.stderr
+    return folder
+
+
+def anchors(site: Path) -> set[str]:
+    found: set[str] = set()
+    for page in (site / "api").rglob("*.html"):
+        found.update(re.findall(r'id="([\w.]+)"', page.read_text()))
+    return found
+
+
+def test_every_public_name_has_an_entry_in_the_api_reference(site):
+    found = anchors(site)
+    missing = [obj.name for obj in public_objects() if not found.intersection(obj.paths)]
+    assert not missing, f"public names with no entry in the API reference (docs/api/*.md): {missing}"
+
+
+def test_every_public_name_has_a_docstring_with_an_example():
+    missing = [obj.name for obj in public_objects() if not has_examples(obj.obj)]
+    assert not missing, f"public names whose docstring has no `Examples:` section: {missing}"
+
+
+def test_a_broken_reference_fails_the_build(tmp_path):
+    """The strictness is real: a reference to a name that does not exist stops the build."""
+    shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
+    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    (tmp_path / "src").symlink_to(ROOT / "src", target_is_directory=True)
+    index = tmp_path / "docs" / "index.md"
+    index.write_text(index.read_text() + "\nSee [`LORA.merge`][nnsight_toolbox.LORA.no_such_method].\n")
+    result = build(tmp_path / "mkdocs.yml", tmp_path / "site")
+    assert result.returncode != 0
+    assert "nnsight_toolbox.LORA.no_such_method" in result.stderr

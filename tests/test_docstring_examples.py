@@ -1,0 +1,60 @@
+"""Every ``>>>`` example in the package's docstrings runs, and prints what it shows.
+
+The examples follow nnsight's convention: they run inside a trace and assume
+a few names, as docs/api/index.md tells the reader. Here those names are:
+``torch``, ``LORA``, ``Optimization``, ``LanguageModel``, ``AutoTokenizer``,
+``model`` (the tiny offline GPT-2, hidden width 32) and
+``lora = LORA(model.transformer.h[0].mlp, r=8)``, plus the globals of the
+example's own module.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+import torch
+from nnsight import LanguageModel
+from transformers import AutoTokenizer
+
+from nnsight_toolbox import LORA, Optimization
+
+griffe = pytest.importorskip("griffe", reason="reading docstrings as the API reference does needs the `docs` extra")
+
+from public_api import documented_objects, load_package  # noqa: E402
+
+PACKAGE = load_package()
+EXAMPLES = [obj for obj in documented_objects(PACKAGE) if ">>>" in obj.docstring.value]
+
+
+def module_of(obj) -> str:
+    while not obj.is_module:
+        obj = obj.parent
+    return obj.path
+
+
+@pytest.mark.parametrize("obj", EXAMPLES, ids=lambda obj: obj.path)
+def test_docstring_example_runs(obj, gpt2, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = dict(vars(importlib.import_module(module_of(obj))))
+    namespace.update(
+        torch=torch,
+        LORA=LORA,
+        Optimization=Optimization,
+        LanguageModel=LanguageModel,
+        AutoTokenizer=AutoTokenizer,
+        model=gpt2,
+        lora=LORA(gpt2.transformer.h[0].mlp, r=8),
+    )
+    text = obj.docstring.value.replace("/tmp/", f"{tmp_path}/")
+    test = doctest.DocTestParser().get_doctest(text, namespace, obj.path, str(obj.filepath), obj.docstring.lineno - 1)
+    report: list[str] = []
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    result = runner.run(test, out=report.append)
+    assert result.failed == 0, "".join(report)
+
+
+def test_the_examples_were_found():
+    names = {obj.path for obj in EXAMPLES}
+    assert "nnsight_toolbox.optim.lora.LORA" in names and "nnsight_toolbox.optim.lora.LORA.WA" in names
