@@ -35,18 +35,20 @@ def load_package() -> griffe.Module:
     return griffe.load(PACKAGE, search_paths=[str(ROOT / "src")], docstring_parser="google", resolve_aliases=True)
 
 
-def modules(module: griffe.Module) -> list[griffe.Module]:
-    found = [module]
-    for member in module.members.values():
-        if not member.is_alias and member.is_module:
-            found.extend(modules(member))
-    return found
+def public_modules(package: griffe.Module) -> list[griffe.Module]:
+    """The package and the modules directly in it: ``nnsight_toolbox``, ``.optim``,
+    ``.artifacts``, ``.testing``, the modules users import from.
+
+    A module one level deeper (``optim/lora.py``, ``artifacts/files.py``) is
+    implementation: its ``__all__`` is its interface to the rest of the
+    package, and the names users get from it are those its package re-exports."""
+    return [package, *(member for member in package.members.values() if not member.is_alias and member.is_module)]
 
 
 def public_objects(package: griffe.Module | None = None) -> list[PublicObject]:
-    """Every name in the ``__all__`` of a module of the package, and the public
-    members of the classes among them (those inherited from the package's own
-    classes too), each once, under all the paths it is public under, shortest first."""
+    """Every name in the ``__all__`` of a public module (`public_modules`), and the
+    public members of the classes among them (those inherited from the package's
+    own classes too), each once, under all the paths it is public under, shortest first."""
     package = package or load_package()
     paths: dict[str, list[str]] = {}
     objects: dict[str, griffe.Object] = {}
@@ -60,7 +62,7 @@ def public_objects(package: griffe.Module | None = None) -> list[PublicObject]:
                 if not name.startswith("_") and name not in NOT_API:
                     add(f"{path}.{name}", member)
 
-    for module in modules(package):
+    for module in public_modules(package):
         for name in module.exports or ():
             if name != "__version__":
                 add(f"{module.path}.{name}", module.members[name])

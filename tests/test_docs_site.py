@@ -50,6 +50,18 @@ def test_every_public_name_has_an_entry_in_the_api_reference(site):
     assert not missing, f"public names with no entry in the API reference (docs/api/*.md): {missing}"
 
 
+def test_the_public_names_are_what_users_import():
+    """The checks above cover the package's exports and the methods of its classes,
+    and not the helpers of implementation modules (`artifacts/files.py`, ...)."""
+    import nnsight_toolbox
+
+    names = {path for obj in public_objects() for path in obj.paths}
+    exported = {f"nnsight_toolbox.{name}" for name in nnsight_toolbox.__all__ if name != "__version__"}
+    assert exported <= names, exported - names
+    assert {"nnsight_toolbox.LORA.save", "nnsight_toolbox.LORA.load", "nnsight_toolbox.LORA.merged"} <= names
+    assert not any(".artifacts.files." in name for name in names)
+
+
 def test_every_public_name_has_a_docstring_with_an_example():
     missing = [obj.name for obj in public_objects() if not has_examples(obj.obj)]
     assert not missing, f"public names whose docstring has no `Examples:` section: {missing}"

@@ -5,10 +5,14 @@
 - `merging`: folding an adapter into its layer's weight and back out.
 
 Examples:
-    >>> lora.save("adapters/c_fc")
-    >>> lora = LORA.load("adapters/c_fc", model.transformer.h[0].mlp.c_fc)
-    >>> export_peft(lora, "peft-adapter")
+    >>> c_fc = LORA(model.transformer.h[0].mlp.c_fc, r=8)
+    >>> c_fc.save("adapters/c_fc")
+    >>> c_fc = LORA.load("adapters/c_fc", model.transformer.h[0].mlp.c_fc)
+    >>> export_peft(c_fc, "peft-adapter")
+    PosixPath('peft-adapter')
     >>> loras = import_peft(model, "peft-adapter")
+    >>> c_fc.merge()
+    >>> c_fc.unmerge()
 """
 
 from .peft_format import export_peft, import_peft

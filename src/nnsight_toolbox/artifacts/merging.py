@@ -65,7 +65,10 @@ def weight_delta(kind: str, WA: torch.Tensor, WB: torch.Tensor, alpha: float, de
     """``alpha * WA @ WB`` in float32 on ``device``, laid out like the layer's weight.
 
     Examples:
-        >>> weight_delta("Linear", lora.WA, lora.WB, 1.0, torch.device("cpu")).shape
+        >>> c_fc = LORA(model.transformer.h[0].mlp.c_fc, r=8)
+        >>> weight_delta("Conv1D", c_fc.WA, c_fc.WB, 1.0, torch.device("cpu")).shape   # (in, out), as Conv1D's weight
+        torch.Size([32, 128])
+        >>> weight_delta("Linear", c_fc.WA, c_fc.WB, 1.0, torch.device("cpu")).shape   # (out, in), as nn.Linear's
         torch.Size([128, 32])
     """
     delta = WA.detach().to(device, torch.float32) @ WB.detach().to(device, torch.float32)  # (in, r) @ (r, out)
@@ -77,7 +80,10 @@ def merge_lora(lora: "LORA", alpha: float = 1.0) -> None:
     """Fold ``alpha * WA @ WB`` into the weight of ``lora``'s layer.
 
     Examples:
-        >>> merge_lora(lora, alpha=1.0)
+        >>> c_fc = LORA(model.transformer.h[0].mlp.c_fc, r=8)
+        >>> merge_lora(c_fc, alpha=1.0)
+        >>> c_fc.merged
+        True
     """
     alpha = check_alpha(alpha)
     if lora.merged:
@@ -111,7 +117,11 @@ def unmerge_lora(lora: "LORA") -> None:
     """Take a merged adapter back out of its layer's weight.
 
     Examples:
-        >>> unmerge_lora(lora)
+        >>> c_fc = LORA(model.transformer.h[0].mlp.c_fc, r=8)
+        >>> merge_lora(c_fc, alpha=1.0)
+        >>> unmerge_lora(c_fc)
+        >>> c_fc.merged
+        False
     """
     record = lora._merge_record
     if record is None:

@@ -79,8 +79,8 @@ def save_lora(lora: "LORA", directory: str | os.PathLike) -> Path:
     Existing files of those names are replaced, each atomically.
 
     Examples:
-        >>> save_lora(lora, "adapters/c_fc")
-        PosixPath('adapters/c_fc')
+        >>> save_lora(lora, "adapters/mlp")
+        PosixPath('adapters/mlp')
     """
     from .. import __version__
 
@@ -115,7 +115,11 @@ def load_lora(directory: str | os.PathLike, module: "Envoy", cls: type["LORA"] |
     (the caller chose it); its widths must match the saved ones.
 
     Examples:
-        >>> lora = load_lora("adapters/c_fc", model.transformer.h[0].mlp.c_fc)
+        >>> save_lora(lora, "adapters/mlp")
+        PosixPath('adapters/mlp')
+        >>> moved = load_lora("adapters/mlp", model.transformer.h[1].mlp)   # same widths, another layer
+        >>> moved.path
+        'model.transformer.h.1.mlp'
     """
     from ..optim.lora import LORA, _check_envoy
 

@@ -147,9 +147,13 @@ def export_peft(
         ValueError: Adapters on different models, two on one module, or NaN/Inf weights.
 
     Examples:
-        >>> lora = LORA(model.transformer.h[0].mlp.c_fc, r=8)
-        >>> export_peft(lora, "peft-adapter", alpha=2.0)
-        >>> peft_model = PeftModel.from_pretrained(hf_model, "peft-adapter")
+        >>> c_fc = LORA(model.transformer.h[0].mlp.c_fc, r=8)
+        >>> export_peft(c_fc, "peft-adapter", alpha=2.0)
+        PosixPath('peft-adapter')
+        >>> from peft import PeftModel
+        >>> from transformers import AutoModelForCausalLM
+        >>> base = AutoModelForCausalLM.from_pretrained(model.config.name_or_path)
+        >>> peft_model = PeftModel.from_pretrained(base, "peft-adapter")   # computes c_fc(alpha=2.0)
     """
     adapters = _as_list(loras)
     alpha = check_alpha(alpha)
@@ -321,7 +325,11 @@ def import_peft(model: "Envoy", directory: str | os.PathLike, *, dtype: torch.dt
             message names the file.
 
     Examples:
+        >>> export_peft(LORA(model.transformer.h[0].mlp.c_fc, r=8), "peft-adapter")  # or PEFT's save_pretrained
+        PosixPath('peft-adapter')
         >>> loras = import_peft(model, "peft-adapter")
+        >>> list(loras)
+        ['model.transformer.h.0.mlp.c_fc']
         >>> with model.trace("Hello"):
         ...     for lora in loras.values():
         ...         lora()

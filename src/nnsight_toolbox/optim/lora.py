@@ -302,7 +302,10 @@ class LORA(Optimization):
         Works for any target, blocks included. Load it back with `LORA.load`.
 
         Examples:
-            >>> lora.save("adapters/c_fc")
+            >>> lora.save("adapters/mlp")
+            >>> import os
+            >>> sorted(os.listdir("adapters/mlp"))
+            ['lora.json', 'lora.safetensors']
         """
         from ..artifacts.native import save_lora
 
@@ -317,7 +320,11 @@ class LORA(Optimization):
         Reads JSON and safetensors only (never pickle) and checks everything first.
 
         Examples:
-            >>> lora = LORA.load("adapters/c_fc", model.transformer.h[0].mlp.c_fc)
+            >>> lora.save("adapters/mlp")
+            >>> restored = LORA.load("adapters/mlp", model.transformer.h[0].mlp)
+            >>> torch.equal(restored.WB, lora.WB)
+            True
+            >>> moved = LORA.load("adapters/mlp", model.transformer.h[1].mlp)   # same widths, another layer
         """
         from ..artifacts.native import load_lora
 
@@ -325,7 +332,17 @@ class LORA(Optimization):
 
     @property
     def merged(self) -> bool:
-        """Whether the adapter is merged into its module's weight (`merge`)."""
+        """Whether the adapter is merged into its module's weight (`merge`).
+
+        Examples:
+            >>> c_fc = LORA(model.transformer.h[0].mlp.c_fc, r=8)
+            >>> c_fc.merged
+            False
+            >>> c_fc.merge()
+            >>> c_fc.merged
+            True
+            >>> c_fc.unmerge()
+        """
         return self._merge_record is not None
 
     def merge(self, alpha: float = 1.0) -> None:
@@ -339,10 +356,11 @@ class LORA(Optimization):
         is not applied. Keeps a CPU copy of the weight so `unmerge` is bit-exact.
 
         Examples:
-            >>> lora.merge()
+            >>> c_fc = LORA(model.transformer.h[0].mlp.c_fc, r=8)   # a Conv1D layer: it has a weight
+            >>> c_fc.merge(alpha=2.0)
             >>> with model.generate("Hello", max_new_tokens=5) as tracer:
-            ...     ids = tracer.result.save()
-            >>> lora.unmerge()
+            ...     ids = tracer.result.save()     # no `c_fc()` call: the weight carries it
+            >>> c_fc.unmerge()
         """
         from ..artifacts.merging import merge_lora
 
@@ -356,7 +374,12 @@ class LORA(Optimization):
         with a warning; that is exact only up to rounding.
 
         Examples:
-            >>> lora.unmerge()
+            >>> c_fc = LORA(model.transformer.h[0].mlp.c_fc, r=8)
+            >>> before = model.transformer.h[0].mlp.c_fc.weight.clone()
+            >>> c_fc.merge()
+            >>> c_fc.unmerge()
+            >>> torch.equal(model.transformer.h[0].mlp.c_fc.weight, before)
+            True
         """
         from ..artifacts.merging import unmerge_lora
 
