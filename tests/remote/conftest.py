@@ -55,23 +55,25 @@ def ndif(model_paths):
 
     # A SIGTERM (a CI time limit, say) unwinds like Ctrl-C, so the stack still stops.
     previous = signal.signal(signal.SIGTERM, interrupt)
-    started = time.monotonic()
     try:
-        stack = NdifStack.start(model_paths["llama"])
-    except StackError as error:  # e.g. a port taken between choosing it and binding it: one more try
-        _report.append(f"first bring-up failed, retried: {str(error).splitlines()[0]}")
-        stack = NdifStack.start(model_paths["llama"])
-    stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in stack.timings.items())
-    _report.append(f"up in {time.monotonic() - started:.1f} s (ready at: {stages})")
-    try:
-        yield stack
-    finally:
         started = time.monotonic()
-        killed = stack.stop()
-        _report.append(f"stopped in {time.monotonic() - started:.1f} s; killed after SIGTERM: {killed or 'none'}")
+        try:
+            stack = NdifStack.start(model_paths["llama"])
+        except StackError as error:  # e.g. a port taken between choosing it and binding it: one more try
+            _report.append(f"first bring-up failed, retried: {str(error).splitlines()[0]}")
+            stack = NdifStack.start(model_paths["llama"])
+        stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in stack.timings.items())
+        _report.append(f"up in {time.monotonic() - started:.1f} s (ready at: {stages})")
+        try:
+            yield stack
+        finally:
+            started = time.monotonic()
+            killed = stack.stop()
+            _report.append(f"stopped in {time.monotonic() - started:.1f} s; killed after SIGTERM: {killed or 'none'}")
+            leftovers = stack.leftovers()
+            assert not leftovers, f"processes left running after the NDIF stack stopped: {leftovers}"
+    finally:
         signal.signal(signal.SIGTERM, previous)
-        leftovers = stack.leftovers()
-        assert not leftovers, f"processes left running after the NDIF stack stopped: {leftovers}"
 
 
 @pytest.fixture(scope="session")
