@@ -87,7 +87,7 @@ def check_shippable(obj: Any) -> None:
         >>> check_shippable(lora)   # passes: importing nnsight_toolbox registered it
     """
     cls = type(obj)
-    if not _pickled_for_nnsight_server() or not _pickled_by_reference(cls):
+    if not _pickled_by_reference(cls) or not _pickled_for_nnsight_server():  # the cheap test first
         return
     package = cls.__module__.split(".", 1)[0]
     raise RuntimeError(
