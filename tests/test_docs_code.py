@@ -89,12 +89,17 @@ def check_readme(namespace: dict) -> None:
     assert adapted.startswith(" ") and adapted != base
 
 
+#: Pages whose code needs an NDIF server: tests/remote/ runs them against a real one.
+REMOTE_PAGES = {"docs/guides/remote.md": "tests/remote/test_remote_guide.py"}
+
 #: Claims about a page's results that its code does not assert itself.
 CHECKS = {"README.md": check_readme}
 
 
 @pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=relative)
 def test_page_code_runs_top_to_bottom(page, tmp_path, monkeypatch):
+    if relative(page) in REMOTE_PAGES:
+        pytest.skip(f"needs an NDIF server: run against a real one by {REMOTE_PAGES[relative(page)]} (`pytest -m remote`)")
     monkeypatch.chdir(tmp_path)  # whatever a page writes lands in the temporary folder
     monkeypatch.setenv("MPLBACKEND", "Agg")
     namespace = run_page(page, tmp_path)

@@ -1,9 +1,18 @@
 """nnsight-toolbox: trainable interventions for nnsight 0.8.
 
+Importing the package registers it with nnsight for remote execution
+(``nnsight.register``), so a `LORA` used in ``model.trace(..., remote=True)``
+ships its code with the request and runs on an NDIF server that does not have
+this package installed.
+
 Examples:
     >>> from nnsight_toolbox import LORA
     >>> lora = LORA(model.transformer.h[0].mlp, r=8)
 """
+
+import sys
+
+import nnsight
 
 from .artifacts import export_peft, import_peft
 from .optim import LORA, Optimization
@@ -11,3 +20,8 @@ from .optim import LORA, Optimization
 __version__ = "0.1.0"
 
 __all__ = ["LORA", "Optimization", "export_peft", "import_peft", "__version__"]
+
+# Ship this package by value (its source travels with each remote request):
+# NDIF servers do not install it. Registering the top-level package covers
+# every submodule (cloudpickle matches registered names by prefix).
+nnsight.register(sys.modules[__name__])

@@ -107,6 +107,9 @@ class AdapterController(Controller):
     ``__deepcopy__``/``__reduce__``), so no activation travels with a copy.
     """
 
+    #: Marks adapter controllers of every copy of this class (see `set_aside_other_copies`).
+    adapts_module_forward = True
+
     def __init__(self, inner: Controller) -> None:
         self.__dict__.update(inner.__dict__)  # state, module_ref, signature metadata
         self.inner = inner
@@ -152,6 +155,25 @@ class AdapterController(Controller):
             module = self.module_ref()
             if module is not None and module.__dict__.get("forward") is self:
                 module.__dict__["forward"] = self.inner
+
+
+def set_aside_other_copies(controller: Any) -> Any:
+    """``controller``, or nnsight's own controller under adapter controllers of other copies of this code.
+
+    A remote request ships this package by value, so each request runs its own
+    copy of `AdapterController`, and the one an earlier request left on the
+    server's shared model is not an instance of this request's copy. Its runs
+    have ended (a server runs one request at a time, and `Interleaver.cancel`
+    ended them), so it is set aside here; wrapping it instead would nest one
+    more controller on the module with every request.
+    """
+    while (
+        not isinstance(controller, AdapterController)
+        and getattr(type(controller), "adapts_module_forward", False)
+        and isinstance(getattr(controller, "inner", None), Controller)
+    ):
+        controller = controller.inner
+    return controller
 
 
 def add_deltas(
@@ -303,7 +325,7 @@ def activate(adapter: Any, envoy: "Envoy", alpha: float, steps: Any, what: str) 
             f"the model you are tracing."
         )
     module = envoy._module
-    controller = module.__dict__.get("forward")
+    controller = set_aside_other_copies(module.__dict__.get("forward"))
     if not isinstance(controller, AdapterController):
         if not isinstance(controller, Controller):
             raise RuntimeError(
@@ -333,7 +355,9 @@ def activate(adapter: Any, envoy: "Envoy", alpha: float, steps: Any, what: str) 
                 f"covers the whole batch). An adapter applies at most once per row: "
                 f"call it in only one of the two invokes."
             )
-    root_input = f"{envoy.root.path}.input"
+    # The root's path is the first part of the module's: an envoy unpickled on a
+    # remote server travels without its parent, so `envoy.root` would be itself.
+    root_input = f"{envoy.path.split('.', 1)[0]}.input"
     controller.activations.append(Activation(adapter, alpha, steps, mediator, root_input))
     if _already_ran_this_pass(mediator, envoy.path, root_input):
         warnings.warn(

@@ -14,7 +14,6 @@ first element of a tuple output).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,9 +25,12 @@ if TYPE_CHECKING:
 SCAN_PROMPT = "a"
 
 
-@dataclass(frozen=True)
 class ModuleDims:
     """The widths an adapter on a module needs.
+
+    A plain class rather than a dataclass: this package travels to remote
+    servers as source, and a dataclass's generated methods have none, so they
+    would travel as bytecode, which another Python version cannot load.
 
     Attributes:
         input_dim: Last dimension of the module's first input (the vocabulary
@@ -37,9 +39,15 @@ class ModuleDims:
         takes_ids: Whether the input is integer token ids (an embedding).
     """
 
-    input_dim: int
-    output_dim: int
-    takes_ids: bool = False
+    __slots__ = ("input_dim", "output_dim", "takes_ids")
+
+    def __init__(self, input_dim: int, output_dim: int, takes_ids: bool = False) -> None:
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+        self.takes_ids = takes_ids
+
+    def __repr__(self) -> str:
+        return f"ModuleDims(input_dim={self.input_dim}, output_dim={self.output_dim}, takes_ids={self.takes_ids})"
 
 
 def weight_dims(module: torch.nn.Module) -> ModuleDims | None:

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..remote import check_shippable
+
 
 class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
     """Base class for trainable interventions: optimise its parameters, call it inside a trace.
@@ -70,6 +72,15 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
             [(32, 8), (8, 32)]
         """
         return list(torch.nn.Module.parameters(self, recurse))
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        """Pickle as any module; for a remote request, first check the server can rebuild the class.
+
+        See `nnsight_toolbox.remote.check_shippable`: a clear error here beats a
+        bare ``ModuleNotFoundError`` from the server.
+        """
+        check_shippable(self)
+        return object.__reduce_ex__(self, protocol)
 
     def __deepcopy__(self, memo: dict) -> "Optimization":
         """Copy the parameters but keep pointing at the same model.
