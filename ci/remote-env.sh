@@ -37,8 +37,21 @@ pip install "ndif[api,ray]==0.1.2" "moto[server]"
 # The package's dependencies and test extra, read from pyproject.toml, without the package.
 "$VENV/bin/python" - <<'PY' > "$VENV/package-requirements.txt"
 import tomllib
+import re
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"]))
+extras = project["optional-dependencies"]
+
+def expand(requirements):
+    # The `test` extra names other extras of this package (`nnsight-toolbox[peft,...]`):
+    # list their requirements instead, since the package itself must stay out of this env.
+    for requirement in requirements:
+        self_reference = re.fullmatch(r"nnsight-toolbox\[(.*)\]", requirement.strip())
+        if self_reference:
+            yield from expand(r for name in self_reference[1].split(",") for r in extras[name.strip()])
+        else:
+            yield requirement
+
+print("\n".join(project["dependencies"] + list(expand(extras["test"]))))
 PY
 pip install -r "$VENV/package-requirements.txt"
 "$VENV/bin/python" - <<'PY'
