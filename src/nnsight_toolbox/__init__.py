@@ -5,8 +5,8 @@ Examples:
     >>> lora = LORA(model.transformer.h[0].mlp, r=8)
 """
 
-from .optim import LORA, Optimization
+from .optim import LORA, LoraSet, Optimization
 
 __version__ = "0.1.0"
 
-__all__ = ["LORA", "Optimization", "__version__"]
+__all__ = ["LORA", "LoraSet", "Optimization", "__version__"]
