@@ -93,8 +93,8 @@ class LoraSet(Optimization, Mapping):
         order = {f"{root.path}.{path}" if path else root.path: i for i, path in enumerate(name for name, _ in root._module.named_modules())}
         adapters.sort(key=lambda lora: order.get(lora.path, len(order)))
         _check_not_nested([lora.path for lora in adapters])
-        self.root_path = root.path
-        self.adapters = {lora.path: lora for lora in adapters}
+        self._root_path = root.path
+        self._by_path = {lora.path: lora for lora in adapters}
         for lora in adapters:
             _register_at_path(self, lora.path, lora)
 
@@ -149,9 +149,9 @@ class LoraSet(Optimization, Mapping):
         """
         alpha = check_alpha(alpha)
         steps = normalize_steps(steps)
-        for lora in self.adapters.values():
+        for lora in self._by_path.values():
             lora._follow_module_device()
-        activate_many([(lora, lora.module) for lora in self.adapters.values()], alpha, steps, "adapters()")
+        activate_many([(lora, lora.module) for lora in self._by_path.values()], alpha, steps, "adapters()")
 
     # -- the mapping ---------------------------------------------------------
 
@@ -164,20 +164,20 @@ class LoraSet(Optimization, Mapping):
         """
         path = key if isinstance(key, str) else getattr(key, "path", None)
         if isinstance(path, str):
-            for candidate in (path, f"{self.root_path}.{path}"):
-                if candidate in self.adapters:
-                    return self.adapters[candidate]
-        shown = ", ".join(list(self.adapters)[:4])
+            for candidate in (path, f"{self._root_path}.{path}"):
+                if candidate in self._by_path:
+                    return self._by_path[candidate]
+        shown = ", ".join(list(self._by_path)[:4])
         raise KeyError(
             f"No adapter on {key!r} in this `LoraSet`. Keys are module paths such as "
-            f"{shown}{', ...' if len(self.adapters) > 4 else ''} (the root's name may be left out)."
+            f"{shown}{', ...' if len(self._by_path) > 4 else ''} (the root's name may be left out)."
         )
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.adapters)
+        return iter(self._by_path)
 
     def __len__(self) -> int:
-        return len(self.adapters)
+        return len(self._by_path)
 
     # A Mapping compares by contents and so would be unhashable; a module is
     # compared by identity (optimizers and `named_modules` put it in sets).
@@ -200,7 +200,7 @@ class LoraSet(Optimization, Mapping):
         """
         own = self.parameters()
         trainable = sum(p.numel() for p in own if p.requires_grad)
-        model = next(iter(self.adapters.values())).module.root._module
+        model = next(iter(self._by_path.values())).module.root._module
         return ParameterCount(trainable, sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in own))
 
     def print_trainable_parameters(self) -> None:
@@ -214,7 +214,7 @@ class LoraSet(Optimization, Mapping):
         print(f"trainable params: {count.trainable:,d} || all params: {count.total:,d} || trainable%: {count.percent:.4f}")
 
     def __repr__(self) -> str:
-        lines = [f"  ({path}): {lora.extra_repr().split(', ', 1)[1]}" for path, lora in self.adapters.items()]
+        lines = [f"  ({path}): {lora.extra_repr().split(', ', 1)[1]}" for path, lora in self._by_path.items()]
         return f"{type(self).__name__}(\n" + "\n".join(lines) + "\n)"
 
 
