@@ -18,7 +18,7 @@ import torch
 from nnsight import LanguageModel
 from transformers import AutoTokenizer
 
-from nnsight_toolbox import LORA, Optimization
+from nnsight_toolbox import LORA, LoraSet, Optimization
 
 griffe = pytest.importorskip("griffe", reason="reading docstrings as the API reference does needs the `docs` extra")
 
@@ -46,6 +46,8 @@ def test_docstring_example_runs(obj, gpt2, tmp_path, monkeypatch):
         AutoTokenizer=AutoTokenizer,
         model=gpt2,
         lora=LORA(gpt2.transformer.h[0].mlp, r=8),
+        LoraSet=LoraSet,
+        adapters=LoraSet.on(gpt2, ["c_attn"], r=4),
     )
     text = obj.docstring.value.replace("/tmp/", f"{tmp_path}/")
     if "remote=True" in text:

@@ -15,11 +15,11 @@ import sys
 import nnsight
 
 from .artifacts import export_peft, import_peft
-from .optim import LORA, Optimization
+from .optim import LORA, LoraSet, Optimization
 
 __version__ = "0.1.0"
 
-__all__ = ["LORA", "Optimization", "export_peft", "import_peft", "__version__"]
+__all__ = ["LORA", "LoraSet", "Optimization", "export_peft", "import_peft", "__version__"]
 
 # Ship this package by value (its source travels with each remote request):
 # NDIF servers do not install it. Registering the top-level package covers

@@ -1,10 +1,11 @@
-"""Trainable interventions: `Optimization` and the `LORA` adapter.
+"""Trainable interventions: `Optimization`, the `LORA` adapter and `LoraSet`.
 
 Examples:
-    >>> from nnsight_toolbox.optim import LORA, Optimization
+    >>> from nnsight_toolbox.optim import LORA, LoraSet, Optimization
 """
 
+from .adapter_set import LoraSet
 from .lora import LORA
 from .optimization import Optimization
 
-__all__ = ["LORA", "Optimization"]
+__all__ = ["LORA", "LoraSet", "Optimization"]

@@ -83,13 +83,6 @@ class Activation:
             return None
         return mediator
 
-    def rows(self, interleaver: "Interleaver") -> list | None:
-        """``[start, size]`` of this invoke's rows, or ``None`` for the whole batch."""
-        batcher = interleaver.batcher
-        if batcher is None or not batcher.batching:
-            return None
-        return self.mediator().batch_group
-
     def acts_on_this_pass(self, mediator: "Mediator") -> bool:
         if self.steps is None:
             return True
@@ -137,13 +130,13 @@ class AdapterController(Controller):
         routes = self.state.routes
         return routes[0][1] if routes else type(self.module_ref()).__name__
 
-    def live(self, interleaver: "Interleaver") -> list[tuple[Activation, "Mediator"]]:
+    def live(self, interleaver: "Interleaver") -> list[Activation]:
         """The activations running in ``interleaver``'s current run and acting on this pass."""
         live = []
         for activation in self.activations:
             mediator = activation.live_mediator(interleaver)
-            if mediator is not None and activation.acts_on_this_pass(mediator):
-                live.append((activation, mediator))
+            if mediator is not None and (activation.steps is None or activation.acts_on_this_pass(mediator)):
+                live.append(activation)
         return live
 
     def retire_if_idle(self, interleaver: "Interleaver | None") -> None:
@@ -179,16 +172,18 @@ def set_aside_other_copies(controller: Any) -> Any:
 def add_deltas(
     output: Any,
     x: Any,
-    live: list[tuple[Activation, "Mediator"]],
+    live: list[Activation],
     interleaver: "Interleaver",
     path: str,
 ) -> Any:
     """``output`` with each live adapter's ``alpha * delta(x)`` added on its rows.
 
     The sum is formed in the adapter's dtype and cast back to the output's, as
-    PEFT does (an fp32 adapter on a bf16 model adds in fp32, then rounds once).
+    PEFT does (an fp32 adapter on a bf16 model adds in fp32, then rounds once);
+    see `LORA.add_delta`. This runs on every forward pass of every adapted
+    module, so the usual case (one adapter, the whole batch) takes no copy.
     """
-    target = first_tensor(output)
+    target = output if type(output) is torch.Tensor else first_tensor(output)
     if target is None:
         raise TypeError(
             f"`{path}` returned a {type(output).__name__} that holds no tensor, so "
@@ -200,19 +195,18 @@ def add_deltas(
             f"`{path}` was called with a {type(x).__name__} as its first input, not "
             f"a tensor, so the adapter has nothing to multiply."
         )
-    if len(live) == 1 and live[0][0].rows(interleaver) is None:
-        activation = live[0][0]
-        delta = checked_delta(activation, x, target, path)
-        return replace_first_tensor(output, (target + delta).to(target.dtype))
-
-    adapted = target.clone()  # in-place row updates on a fresh tensor keep autograd exact
-    for activation, _ in live:
-        rows = activation.rows(interleaver)
+    batcher = interleaver.batcher
+    batching = batcher is not None and batcher.batching
+    adapted = target
+    cloned = False
+    for activation in live:
+        adapter, alpha = activation.adapter, activation.alpha
+        rows = activation.mediator().batch_group if batching else None  # [start, size], None: all
         if rows is None:
-            adapted = (adapted + checked_delta(activation, x, target, path)).to(target.dtype)
+            adapted = adapter.add_delta(adapted, x, alpha)
             continue
         start, size = rows
-        total = interleaver.batcher.total
+        total = batcher.total
         if target.shape[0] != total or x.shape[0] != total:
             raise ValueError(
                 f"Cannot scope the adapter on `{path}` to its invoke's rows: the batch "
@@ -222,23 +216,11 @@ def add_deltas(
                 f"do not mix with per-invoke adapters; call `lora()` in an empty "
                 f"`tracer.invoke()` to adapt the whole batch."
             )
+        if not cloned:  # in-place row updates on a fresh tensor keep autograd exact
+            adapted, cloned = adapted.clone(), True
         rows_out = adapted.narrow(0, start, size)
-        delta = checked_delta(activation, x.narrow(0, start, size), rows_out, path)
-        rows_out.copy_((rows_out + delta).to(target.dtype))
-    return replace_first_tensor(output, adapted)
-
-
-def checked_delta(activation: Activation, x: torch.Tensor, target: torch.Tensor, path: str) -> torch.Tensor:
-    """The adapter's ``alpha * delta(x)``, after checking it fits ``target``."""
-    delta = activation.adapter.delta(x, activation.alpha)
-    if delta.shape[-1] != target.shape[-1]:
-        raise ValueError(
-            f"The adapter's output width {delta.shape[-1]} (WB has shape "
-            f"{tuple(activation.adapter.WB.shape)}) does not match the output of "
-            f"`{path}`, whose shape is {tuple(target.shape)}. Was the adapter built "
-            f"for another module? Build a new one on this module."
-        )
-    return delta
+        rows_out.copy_(adapter.add_delta(rows_out, x.narrow(0, start, size), alpha))
+    return adapted if output is target else replace_first_tensor(output, adapted)
 
 
 def replace_first_tensor(output: Any, value: torch.Tensor) -> Any:
@@ -316,71 +298,107 @@ def activate(adapter: Any, envoy: "Envoy", alpha: float, steps: Any, what: str) 
     Calling again from the same invoke updates ``alpha`` and ``steps`` in place;
     the adapter never applies twice to the same row.
     """
+    activate_many([(adapter, envoy)], alpha, steps, what, stacklevel=6)
+
+
+def activate_many(pairs: "list[tuple[Any, Envoy]]", alpha: float, steps: Any, what: str, *, stacklevel: int = 5) -> None:
+    """`activate` for several ``(adapter, envoy)`` pairs of one model, sharing the per-call work.
+
+    The invoke, its run and the pass count are looked up once, not once per adapter.
+    ``stacklevel`` points a warning at the user's call: this function, the
+    adapter's ``forward`` and torch's two ``Module.__call__`` frames lie between.
+    """
     mediator = current_mediator(what)
     interleaver = mediator.interleaver
-    if envoy.interleaver is not interleaver:
-        raise RuntimeError(
-            f"`{what}` was called inside a trace of a different model than the one "
-            f"its module `{envoy.path}` belongs to. Build the adapter on a module of "
-            f"the model you are tracing."
-        )
+    rows = mediator.batch_group if interleaver.batcher is not None and interleaver.batcher.batching else None
+    root_input = passes = None
+    for adapter, envoy in pairs:
+        if envoy.interleaver is not interleaver:
+            raise RuntimeError(
+                f"`{what}` was called inside a trace of a different model than the one "
+                f"its module `{envoy.path}` belongs to. Build the adapter on a module of "
+                f"the model you are tracing."
+            )
+        if root_input is None:  # one interleaver, so one model and one root for every pair
+            # The root's path is the first part of the module's: an envoy unpickled on a
+            # remote server travels without its parent, so `envoy.root` would be itself.
+            root_input = f"{envoy.path.split('.', 1)[0]}.input"
+            passes = _passes_begun(mediator, root_input)
+        controller = _adapter_controller(envoy)
+        if _switch_on(controller, adapter, alpha, steps, mediator, rows, root_input, envoy.path) and passes:
+            if mediator.occurrence(f"{envoy.path}.input") >= passes:
+                warnings.warn(
+                    f"`{what}` was called after `{envoy.path}` had already run in this forward "
+                    f"pass, so it changes nothing in this pass and acts from the next one (the "
+                    f"next generation step). To adapt this pass, call it before reading the "
+                    f"`.output` of `{envoy.path}` or of any module after it.",
+                    stacklevel=stacklevel,
+                )
+
+
+def _adapter_controller(envoy: "Envoy") -> AdapterController:
+    """The module's `AdapterController`, installed in place of nnsight's controller if need be."""
     module = envoy._module
     controller = set_aside_other_copies(module.__dict__.get("forward"))
-    if not isinstance(controller, AdapterController):
-        if not isinstance(controller, Controller):
-            raise RuntimeError(
-                f"`{envoy.path}` has no nnsight controller as its forward (found "
-                f"{type(controller).__name__}); something replaced `forward` after "
-                f"nnsight wrapped the model. Wrap the model again after that change."
-            )
-        controller = AdapterController(controller)
-        module.__dict__["forward"] = controller
+    if isinstance(controller, AdapterController):
+        return controller
+    if not isinstance(controller, Controller):
+        raise RuntimeError(
+            f"`{envoy.path}` has no nnsight controller as its forward (found "
+            f"{type(controller).__name__}); something replaced `forward` after "
+            f"nnsight wrapped the model. Wrap the model again after that change."
+        )
+    controller = AdapterController(controller)
+    module.__dict__["forward"] = controller
+    return controller
 
+
+def _switch_on(
+    controller: AdapterController,
+    adapter: Any,
+    alpha: float,
+    steps: Any,
+    mediator: "Mediator",
+    rows: list | None,
+    root_input: str,
+    path: str,
+) -> bool:
+    """Add (or update) ``adapter``'s activation for ``mediator``; whether it is new."""
+    interleaver = mediator.interleaver
     # Activations of finished runs are dropped here, not only when the module
     # next runs idle: a training loop calls `lora()` in every run.
     controller.activations = [a for a in controller.activations if a.live_mediator(interleaver) is not None]
-    rows = mediator.batch_group if interleaver.batcher is not None and interleaver.batcher.batching else None
     for activation in controller.activations:
-        other = activation.live_mediator(interleaver)
-        if activation.adapter is not adapter or other is None:
+        if activation.adapter is not adapter:
             continue
+        other = activation.live_mediator(interleaver)
         if other is mediator:
             activation.alpha, activation.steps = alpha, steps
-            return
+            return False
         other_rows = other.batch_group if rows is not None else None
         if rows is None or other_rows is None or _overlap(rows, other_rows):
             raise RuntimeError(
-                f"The adapter on `{envoy.path}` is already switched on for some of the "
+                f"The adapter on `{path}` is already switched on for some of the "
                 f"same rows by another invoke of this run (an empty `tracer.invoke()` "
                 f"covers the whole batch). An adapter applies at most once per row: "
                 f"call it in only one of the two invokes."
             )
-    # The root's path is the first part of the module's: an envoy unpickled on a
-    # remote server travels without its parent, so `envoy.root` would be itself.
-    root_input = f"{envoy.path.split('.', 1)[0]}.input"
     controller.activations.append(Activation(adapter, alpha, steps, mediator, root_input))
-    if _already_ran_this_pass(mediator, envoy.path, root_input):
-        warnings.warn(
-            f"`{what}` was called after `{envoy.path}` had already run in this forward "
-            f"pass, so it changes nothing in this pass and acts from the next one (the "
-            f"next generation step). To adapt this pass, call it before reading the "
-            f"`.output` of `{envoy.path}` or of any module after it.",
-            stacklevel=3,
-        )
+    return True
 
 
 def _overlap(a: list, b: list) -> bool:
     return a[0] < b[0] + b[1] and b[0] < a[0] + a[1]
 
 
-def _already_ran_this_pass(mediator: "Mediator", path: str, root_input: str) -> bool:
-    """Whether ``path`` has already been entered during the forward pass now running.
+def _passes_begun(mediator: "Mediator", root_input: str) -> int:
+    """The forward passes begun so far if one is running now, else 0.
 
-    Counts handoffs since the invoke started: a module entered as often as the
-    root model has been entered has run in the current pass. (A module that runs
-    several times per pass is judged by its first run.)
+    Counts handoffs since the invoke started: the root model's input fires once
+    per pass and its output once the pass ends. A module entered as often as
+    the root has been has run in the current pass (`activate_many` warns); a
+    module that runs several times per pass is judged by its first run.
     """
     passes = mediator.occurrence(root_input)
     root_output = root_input[: -len(".input")] + ".output"
-    in_a_pass = passes > mediator.occurrence(root_output)
-    return in_a_pass and passes > 0 and mediator.occurrence(f"{path}.input") >= passes
+    return passes if passes > mediator.occurrence(root_output) else 0

@@ -77,18 +77,27 @@ def first_tensor(value: Any) -> torch.Tensor | None:
 
 def scan_dims(envoy: "Envoy") -> ModuleDims:
     """Widths measured by an nnsight scan of the whole model on fake tensors."""
-    root = envoy.root
+    return scan_many_dims([envoy])[envoy.path]
+
+
+def scan_many_dims(envoys: "list[Envoy]") -> dict[str, ModuleDims]:
+    """Widths of several modules of one model, measured by a single scan.
+
+    One scan costs a fake forward of the whole model, so many adapters share one.
+    """
+    root = envoys[0].root
     if not hasattr(root, "scan") or getattr(root, "tokenizer", None) is None:
+        envoy = envoys[0]
         raise ValueError(
             f"Cannot infer the input and output widths of `{envoy.path}` "
             f"({type(envoy._module).__name__}): it is not a Linear, Conv1D or "
             f"Embedding, and the model has no tokenizer to scan it with. Pass "
             f"`input_dim=` and `output_dim=` to `LORA(...)`."
         )
+    paths = [envoy.path for envoy in envoys]
     with root.scan(SCAN_PROMPT) as tracer:
-        cache = tracer.cache(modules=[envoy.path], include_inputs=True)
-    entry = cache[envoy.path]
-    return dims_from_values(envoy.path, entry.input, entry.output)
+        cache = tracer.cache(modules=paths, include_inputs=True)
+    return {path: dims_from_values(path, cache[path].input, cache[path].output) for path in paths}
 
 
 def dims_from_values(path: str, input: Any, output: Any) -> ModuleDims:
@@ -118,3 +127,12 @@ def infer_dims(envoy: "Envoy") -> ModuleDims:
     """The adapter widths for ``envoy``'s module: from its weight when it has a
     known one, otherwise from a scan."""
     return weight_dims(envoy._module) or scan_dims(envoy)
+
+
+def infer_many_dims(envoys: "list[Envoy]") -> dict[str, ModuleDims]:
+    """`infer_dims` for several modules of one model, with at most one scan."""
+    dims = {envoy.path: weight_dims(envoy._module) for envoy in envoys}
+    unknown = [envoy for envoy in envoys if dims[envoy.path] is None]
+    if unknown:
+        dims.update(scan_many_dims(unknown))
+    return dims

@@ -32,7 +32,15 @@ from .optimization import Optimization
 if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
 
+    from .adapter_set import LoraSet
+    from .targets import Layers, Targets
+
 __all__ = ["LORA"]
+
+#: From this many output elements, `LORA.add_delta` folds the sum into the second
+#: matmul (``addmm``): it saves a pass over the output, which outweighs the cost of
+#: the reshapes ``addmm`` needs. Below it (one token at a time, in generation) it does not.
+FUSE_MIN_ELEMENTS = 1 << 14
 
 
 class LORA(Optimization):
@@ -180,6 +188,33 @@ class LORA(Optimization):
         self._merge_record = None  # set while merged into the module's weight (see `merge`)
         self.reset_parameters()
 
+    @classmethod
+    def on(
+        cls,
+        model: "Envoy",
+        targets: "Targets",
+        *,
+        r: int,
+        layers: "Layers" = None,
+        dropout: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+    ) -> "LoraSet":
+        """One adapter on every module of ``model`` that ``targets`` picks, as one `LoraSet`.
+
+        PEFT's matching rule: a string is a regex that must match the whole
+        module path; a list matches a path equal to an entry or ending in ``"."``
+        plus it. ``layers=`` keeps only those layer indices. See `LoraSet.on`.
+
+        Examples:
+            >>> adapters = LORA.on(model, ["c_attn", "c_fc"], r=16)  # every layer's c_attn and c_fc
+            >>> optimizer = torch.optim.AdamW(adapters.parameters(), lr=1e-4)
+            >>> with model.trace("Hello"):
+            ...     adapters()
+        """
+        from .adapter_set import LoraSet  # it builds on this class
+
+        return LoraSet.on(model, targets, r=r, layers=layers, dropout=dropout, dtype=dtype)
+
     @property
     def path(self) -> str:
         """The module path the adapter acts on, e.g. ``"model.transformer.h.0.mlp"``.
@@ -271,28 +306,81 @@ class LORA(Optimization):
             >>> lora.delta(x).shape[-1] == lora.output_dim
             True
         """
+        hidden = self._down(x)
+        if alpha != 1.0:
+            hidden = hidden * alpha  # scale the r-wide term: cheaper than the output
+        return hidden @ self.WB  # (B, T, r) @ (r, out) -> (B, T, out)
+
+    def add_delta(self, output: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """``output + alpha * delta(x)``, summed in the adapter's dtype and rounded once to ``output``'s.
+
+        What ``lora()`` does to the module's output, in as few kernels as the
+        dtypes allow: when ``output`` has the adapter's dtype, the second matmul
+        and the sum are one ``addmm`` (for outputs of `FUSE_MIN_ELEMENTS` or more);
+        otherwise a matmul, then an add that computes in the adapter's dtype
+        and, outside autograd, writes the output's dtype directly (PEFT's
+        cast-up, add, cast-back, with one rounding).
+
+        Args:
+            output: The module's output, ``(..., output_dim)``.
+            x: The module's first input, as for `delta`.
+            alpha: Scale of the low-rank term.
+
+        Examples:
+            >>> x, out = torch.randn(1, 4, lora.input_dim), torch.randn(1, 4, lora.output_dim)
+            >>> torch.allclose(lora.add_delta(out, x, 0.5), out + lora.delta(x, 0.5))
+            True
+        """
+        WB = self.WB
+        hidden = self._down(x)  # (..., r)
+        if output.dtype == WB.dtype and output.numel() >= FUSE_MIN_ELEMENTS:
+            if output.shape[:-1] != hidden.shape[:-1] or output.shape[-1] != WB.shape[1]:
+                raise self._mismatch(output, hidden)
+            # (N, out) + alpha * (N, r) @ (r, out): BLAS adds the product to `output` in the same pass
+            flat = torch.addmm(output.reshape(-1, WB.shape[1]), hidden.reshape(-1, self.r), WB, alpha=alpha)
+            return flat.view_as(output)
+        if alpha != 1.0:
+            hidden = hidden * alpha
+        delta = hidden @ WB  # (..., r) @ (r, out) -> (..., out), in the adapter's dtype
+        if delta.shape != output.shape:
+            raise self._mismatch(output, hidden)
+        if output.dtype == delta.dtype:
+            return output + delta
+        if torch.is_grad_enabled() and (delta.requires_grad or output.requires_grad):
+            return (output + delta).to(output.dtype)
+        # Nothing to differentiate: the add computes in the wider dtype and writes the output's.
+        return torch.add(output, delta, out=torch.empty_like(output))
+
+    def _mismatch(self, output: torch.Tensor, hidden: torch.Tensor) -> ValueError:
+        return ValueError(
+            f"The adapter's output would have shape {(*hidden.shape[:-1], self.WB.shape[1])} (WB "
+            f"has shape {tuple(self.WB.shape)}), which does not match the output of "
+            f"`{self.path}`, whose shape is {tuple(output.shape)}. Was the adapter "
+            f"built for another module? Build a new one on this module."
+        )
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        """The r-wide half, ``dropout(x) @ WA`` (or ``WA[x]`` for token ids), in the adapter's dtype."""
+        WA = self.WA
         if self.takes_ids:
             if x.is_floating_point():
                 raise TypeError(
                     f"The adapter on `{self.path}` looks up token ids, but the module "
                     f"was given a {x.dtype} tensor of shape {tuple(x.shape)}."
                 )
-            hidden = F.embedding(x, self.WA)  # (B, T) -> (B, T, r)
-        else:
-            if x.shape[-1] != self.WA.shape[0]:
-                raise ValueError(
-                    f"The input of `{self.path}` has shape {tuple(x.shape)}, but the "
-                    f"adapter's WA has shape {tuple(self.WA.shape)}: its first dimension "
-                    f"must equal the input's last. Was the adapter built for another "
-                    f"module? Build a new one on this module."
-                )
-            hidden = x.to(self.WA.dtype)
-            if self.dropout and self.training:
-                hidden = F.dropout(hidden, self.dropout, training=True)
-            hidden = hidden @ self.WA  # (B, T, in) @ (in, r) -> (B, T, r)
-        if alpha != 1.0:
-            hidden = hidden * alpha  # scale the r-wide term: cheaper than the output
-        return hidden @ self.WB  # (B, T, r) @ (r, out) -> (B, T, out)
+            return F.embedding(x, WA)  # (B, T) -> (B, T, r)
+        if x.shape[-1] != WA.shape[0]:
+            raise ValueError(
+                f"The input of `{self.path}` has shape {tuple(x.shape)}, but the "
+                f"adapter's WA has shape {tuple(WA.shape)}: its first dimension "
+                f"must equal the input's last. Was the adapter built for another "
+                f"module? Build a new one on this module."
+            )
+        if x.dtype != WA.dtype:
+            x = x.to(WA.dtype)
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)
+        return x @ WA  # (B, T, in) @ (in, r) -> (B, T, r)
 
     # -- artifacts: thin entry points; the work lives in `nnsight_toolbox.artifacts` --
 
@@ -458,5 +546,10 @@ def _home_device(module: "Envoy") -> torch.device:
 
 def _module_device(module: "Envoy") -> torch.device | None:
     """The device of the module's parameters, or of the model's for a module with none."""
+    # A layer's own weight first: this runs on every `lora()` call, and walking
+    # `parameters()` of a whole block costs more than the rest of the call.
+    own = next((p for p in module._module._parameters.values() if p is not None), None)
+    if own is not None:
+        return own.device
     device = module.device
     return device if device is not None else module.root.device

@@ -1,0 +1,50 @@
+"""`LORA.add_delta`, the fused sum `lora()` uses, equals `output + delta` rounded once."""
+
+import pytest
+import torch
+
+from nnsight_toolbox import LORA
+
+
+@pytest.fixture
+def lora(gpt2):
+    lora = LORA(gpt2.transformer.h[0].mlp.c_fc, r=4)  # 32 -> 128
+    with torch.no_grad():
+        lora.WB.copy_(torch.randn(lora.WB.shape, generator=torch.Generator().manual_seed(0)))
+    return lora
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_same_dtype_equals_output_plus_delta(lora, alpha):
+    x, out = torch.randn(2, 5, 32), torch.randn(2, 5, 128)
+    torch.testing.assert_close(lora.add_delta(out, x, alpha), out + lora.delta(x, alpha), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_bf16_output_is_summed_in_float32_and_rounded_once(lora, grad):
+    x, out = torch.randn(2, 5, 32).bfloat16(), torch.randn(2, 5, 128).bfloat16()
+    with torch.set_grad_enabled(grad):
+        adapted = lora.add_delta(out, x, 0.5)
+    expected = (out.float() + lora.delta(x, 0.5)).bfloat16()  # PEFT's cast-up, add, cast-back
+    assert adapted.dtype == torch.bfloat16
+    assert torch.equal(adapted, expected)
+    assert adapted.requires_grad == grad
+
+
+def test_gradients_through_the_fused_sum_equal_the_plain_sum(lora):
+    x = torch.randn(3, 32, requires_grad=True)
+    out = torch.randn(3, 128, requires_grad=True)
+    lora.add_delta(out, x, 0.7).square().sum().backward()
+    fused = [t.grad.clone() for t in (x, out, lora.WA, lora.WB)]
+    for t in (x, out, lora.WA, lora.WB):
+        t.grad = None
+    (out + lora.delta(x, 0.7)).square().sum().backward()
+    for got, expected in zip(fused, (x.grad, out.grad, lora.WA.grad, lora.WB.grad)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_output_of_another_shape_is_refused(lora):
+    with pytest.raises(ValueError, match="does not match the output"):
+        lora.add_delta(torch.randn(2, 5, 96), torch.randn(2, 5, 32))
+    with pytest.raises(ValueError, match="does not match the output"):
+        lora.add_delta(torch.randn(2, 4, 128), torch.randn(2, 5, 32))
