@@ -148,7 +148,7 @@ CONFIGS: dict[str, BenchConfig] = {
         new_tokens=32,
         repeats=9,  # the CPU bar's two measures; a shared CPU needs the repeats
         forward_repeats=5,
-        token_repeats=2,
+        token_repeats=3,
         # GPT-2 small has 48 linear layers in its blocks, the most PEFT can adapt there.
         many_targets=GPT2_BLOCK_LINEARS,
         loop_batch=(1, 16),

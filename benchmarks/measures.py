@@ -146,7 +146,7 @@ def many_adapters(config: Any, models: Models, prompt: torch.Tensor) -> list[dic
     for count, init in counts.items():
         variants: dict[str, Variant] = {
             "toolbox": ToolboxVariant(model, init, config.r, models.pad_token_id),
-            "peft": PeftVariant(models.peft_source, init, config.r, models.pad_token_id),
+            "peft": PeftVariant(models.raw, init, config.r, models.pad_token_id),
             "hooks": HooksVariant(models.raw, init, models.pad_token_id),
         }
         calls = {name: (lambda v=v: v.generate(prompt, n), v.active) for name, v in variants.items()}

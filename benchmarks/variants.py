@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AdapterInit", "Variant", "Models", "build_models", "build_variants", "adapter_init", "VARIANT_ORDER"]
+__all__ = ["AdapterInit", "Variant", "RawVariant", "HooksVariant", "PeftVariant", "TracedVariant", "ToolboxVariant", "PlainNnsightVariant", "Models", "build_models", "build_variants", "adapter_init", "VARIANT_ORDER"]
 
 #: Column order in reports: the package first, its references after.
 VARIANT_ORDER = ("toolbox", "toolbox-merged", "peft", "hooks", "nnsight", "nnsight-base", "base")
@@ -47,9 +47,8 @@ class AdapterInit:
 class Models:
     """The copies of one random-weight model the variants run on."""
 
-    raw: torch.nn.Module  # hooks and base
-    peft_source: torch.nn.Module  # PEFT wraps a copy of this
-    nnsight: Any  # LanguageModel around a third copy
+    raw: torch.nn.Module  # hooks and base; PEFT wraps a copy of it
+    nnsight: Any  # LanguageModel around another copy
     pad_token_id: int
 
 
@@ -177,79 +176,30 @@ class PeftVariant(RawVariant):
         RawVariant.__init__(self, "peft", model, pad_token_id, parameters)
 
 
-class ToolboxVariant(Variant):
-    """This package as users write it: ``adapters()`` inside ``model.trace`` / ``model.generate``."""
+class TracedVariant(Variant):
+    """A variant run through nnsight as users write it: ``with model.trace(...)`` /
+    ``with model.generate(...)``, with `intervene` inside; the loss is computed
+    after the trace from the saved logits."""
 
-    name = "toolbox"
+    name = "nnsight-base"
+    trains = False
 
-    def __init__(self, model: Any, init: AdapterInit, r: int, pad_token_id: int, *, merged: bool = False) -> None:
-        from nnsight_toolbox import LORA
-
+    def __init__(self, model: Any, pad_token_id: int, parameters: list | None = None) -> None:
         self.model = model
         self.pad_token_id = pad_token_id
-        self.adapters = LORA.on(model, init.paths, r=r)  # full paths: each matches itself
-        with torch.no_grad():
-            for path, (a, b) in init.weights.items():
-                self.adapters[path].WA.copy_(a)
-                self.adapters[path].WB.copy_(b)
-        self.merged = merged
-        if merged:
-            self.name = "toolbox-merged"
-            for lora in self.adapters.values():
-                lora.merge()
-        self.trains = not merged
-        self.trainer = Trainer(self.adapters.parameters())
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return self.adapters.parameters()
-
-    def apply(self) -> None:
-        if not self.merged:
-            self.adapters()
-
-    def train_step(self, ids: torch.Tensor) -> None:
-        with self.model.trace(ids):
-            self.apply()
-            logits = self.model.lm_head.output.save()
-        self.trainer.step(next_token_loss(logits, ids))
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            with self.model.trace(ids):
-                self.apply()
-                logits = self.model.lm_head.output.save()
-        return logits
-
-    def generate(self, prompt: torch.Tensor, n: int) -> torch.Tensor:
-        with self.model.generate(prompt, **generate_kwargs(prompt, n, self.pad_token_id)) as tracer:
-            self.apply()
-            ids = tracer.result.save()
-        return ids
-
-
-class PlainNnsightVariant(Variant):
-    """nnsight's own intervention form, no package: ``m.output = m.output + x @ A @ B``
-    on every target in model order, inside ``tracer.iter[:n]`` when generating."""
-
-    name = "nnsight"
-
-    def __init__(self, model: Any, init: AdapterInit, pad_token_id: int) -> None:
-        self.model = model
-        self.pad_token_id = pad_token_id
-        self.envoys = [model.get(path) for path in init.paths]
-        self.params = [(torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())) for a, b in init.weights.values()]
-        self.trainer = Trainer([p for pair in self.params for p in pair])
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for pair in self.params for p in pair]
+        self.trains = bool(parameters)
+        self.trainer = Trainer(parameters) if parameters else None
 
     def intervene(self) -> None:
-        for envoy, (A, B) in zip(self.envoys, self.params):
-            x = envoy.input
-            out = envoy.output
-            envoy.output = (out + x.to(A.dtype) @ A @ B).to(out.dtype)
+        """What runs inside the trace before the logits are read; nothing here."""
+
+    def intervene_in_generation(self, tracer: Any, n: int) -> None:
+        """What runs inside ``model.generate(...)`` before the result is read."""
+        self.intervene()
 
     def train_step(self, ids: torch.Tensor) -> None:
+        if self.trainer is None:
+            Variant.train_step(self, ids)
         with self.model.trace(ids):
             self.intervene()
             logits = self.model.lm_head.output.save()
@@ -264,32 +214,62 @@ class PlainNnsightVariant(Variant):
 
     def generate(self, prompt: torch.Tensor, n: int) -> torch.Tensor:
         with self.model.generate(prompt, **generate_kwargs(prompt, n, self.pad_token_id)) as tracer:
-            for _ in tracer.iter[:n]:
-                self.intervene()
+            self.intervene_in_generation(tracer, n)
             ids = tracer.result.save()
         return ids
 
 
-class NnsightBaseVariant(Variant):
-    """The nnsight-wrapped model traced with no intervention: nnsight's own cost."""
+class ToolboxVariant(TracedVariant):
+    """This package as users write it: ``adapters()`` inside the trace."""
 
-    name = "nnsight-base"
-    trains = False
+    name = "toolbox"
 
-    def __init__(self, model: Any, pad_token_id: int) -> None:
-        self.model = model
-        self.pad_token_id = pad_token_id
+    def __init__(self, model: Any, init: AdapterInit, r: int, pad_token_id: int, *, merged: bool = False) -> None:
+        from nnsight_toolbox import LORA
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.adapters = LORA.on(model, init.paths, r=r)  # full paths: each matches itself
         with torch.no_grad():
-            with self.model.trace(ids):
-                logits = self.model.lm_head.output.save()
-        return logits
+            for path, (a, b) in init.weights.items():
+                self.adapters[path].WA.copy_(a)
+                self.adapters[path].WB.copy_(b)
+        self.merged = merged
+        if merged:
+            self.name = "toolbox-merged"
+            for lora in self.adapters.values():
+                lora.merge()
+        TracedVariant.__init__(self, model, pad_token_id, None if merged else self.adapters.parameters())
 
-    def generate(self, prompt: torch.Tensor, n: int) -> torch.Tensor:
-        with self.model.generate(prompt, **generate_kwargs(prompt, n, self.pad_token_id)) as tracer:
-            ids = tracer.result.save()
-        return ids
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self.adapters.parameters()
+
+    def intervene(self) -> None:
+        if not self.merged:
+            self.adapters()
+
+
+class PlainNnsightVariant(TracedVariant):
+    """nnsight's own intervention form, no package: ``m.output = m.output + x @ A @ B``
+    on every target in model order, inside ``tracer.iter[:n]`` when generating."""
+
+    name = "nnsight"
+
+    def __init__(self, model: Any, init: AdapterInit, pad_token_id: int) -> None:
+        self.envoys = [model.get(path) for path in init.paths]
+        self.params = [(torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())) for a, b in init.weights.values()]
+        TracedVariant.__init__(self, model, pad_token_id, self.parameters())
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for pair in self.params for p in pair]
+
+    def intervene(self) -> None:
+        for envoy, (A, B) in zip(self.envoys, self.params):
+            x = envoy.input
+            out = envoy.output
+            envoy.output = (out + x.to(A.dtype) @ A @ B).to(out.dtype)
+
+    def intervene_in_generation(self, tracer: Any, n: int) -> None:
+        for _ in tracer.iter[:n]:  # a plain intervention acts on one step unless looped
+            self.intervene()
 
 
 # ---------------------------------------------------------------------------
@@ -298,7 +278,10 @@ class NnsightBaseVariant(Variant):
 
 
 def build_models(config: Any) -> Models:
-    """Three copies of one random-weight model (seeded), frozen and in eval mode."""
+    """A random-weight model (seeded), frozen and in eval mode, and an nnsight-wrapped copy.
+
+    PEFT's variant makes its own copy (`PeftVariant`), the merged one another.
+    """
     import transformers
     from nnsight import LanguageModel
 
@@ -312,7 +295,7 @@ def build_models(config: Any) -> Models:
     raw.eval()  # from_config builds in train mode: dropout would make every run differ
     pad = hf_config.eos_token_id if isinstance(hf_config.eos_token_id, int) else 0
     wrapped = LanguageModel(copy.deepcopy(raw), tokenizer=byte_level_tokenizer())
-    return Models(raw=raw, peft_source=raw, nnsight=wrapped, pad_token_id=pad)
+    return Models(raw=raw, nnsight=wrapped, pad_token_id=pad)
 
 
 def adapter_init(model: Any, targets: Any, r: int, seed: int, layers: Any = None) -> AdapterInit:
@@ -342,10 +325,10 @@ def build_variants(models: Models, init: AdapterInit, r: int, names: tuple[str, 
     build = {
         "toolbox": lambda: ToolboxVariant(models.nnsight, init, r, pad),
         "toolbox-merged": lambda: ToolboxVariant(copy_nnsight_model(models), init, r, pad, merged=True),
-        "peft": lambda: PeftVariant(models.peft_source, init, r, pad),
+        "peft": lambda: PeftVariant(models.raw, init, r, pad),
         "hooks": lambda: HooksVariant(models.raw, init, pad),
         "nnsight": lambda: PlainNnsightVariant(models.nnsight, init, pad),
-        "nnsight-base": lambda: NnsightBaseVariant(models.nnsight, pad),
+        "nnsight-base": lambda: TracedVariant(models.nnsight, pad),
         "base": lambda: RawVariant("base", models.raw, pad),
     }
     unknown = set(names) - set(build)

@@ -265,3 +265,13 @@ def test_set_alpha_and_steps_are_checked(gpt2):
             adapters(alpha=float("nan"))
     with pytest.raises(RuntimeError, match="must be called inside"):
         adapters()
+
+
+def test_options_reach_every_adapter(gpt2):
+    adapters = LORA.on(gpt2, ["c_attn"], r=2, dropout=0.1, dtype=torch.float64)
+    assert all(lora.r == 2 and lora.dropout == 0.1 and lora.WA.dtype == torch.float64 for lora in adapters.values())
+
+
+def test_on_a_submodule_searches_below_it_only(gpt2):
+    adapters = LORA.on(gpt2.transformer.h[1], ["c_attn", "c_fc"], r=2)
+    assert list(adapters) == ["model.transformer.h.1.attn.c_attn", "model.transformer.h.1.mlp.c_fc"]
