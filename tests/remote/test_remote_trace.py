@@ -134,7 +134,7 @@ def test_the_next_request_computes_the_base_model_exactly(remote_model, local_mo
             raise ValueError("the user's code failed")
     assert torch.equal(remote_base_logits(remote_model), base)
     wrong = LORA(remote_model.get(TARGET), r=4, output_dim=7)
-    with pytest.raises(RemoteError, match="output width 7"):
+    with pytest.raises(RemoteError, match=r"WB has shape \(4, 7\)"):
         with remote_model.trace(PROMPT, remote=True):
             wrong()
             remote_model.lm_head.output.save()
