@@ -114,3 +114,20 @@ def hf_logits(model: LanguageModel, prompt) -> torch.Tensor:
 def hf_generate(model: LanguageModel, prompt, max_new_tokens: int) -> torch.Tensor:
     batch = model.tokenizer(prompt, return_tensors="pt", padding=True)
     return model._module.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=model.tokenizer.eos_token_id)
+
+
+def randomized(adapters, scale: float = 0.5):
+    """Randomize every adapter of a `LoraSet` (a different seed each); returns the set."""
+    for seed, lora in enumerate(adapters.values()):
+        randomize(lora, seed=seed, scale=scale)
+    return adapters
+
+
+@contextlib.contextmanager
+def reference_hooks(model, adapters, alpha: float = 1.0):
+    """One plain torch hook per adapter, on the raw modules."""
+    with contextlib.ExitStack() as stack:
+        for path, lora in adapters.items():
+            hf_path = path.split(".", 1)[1]
+            stack.enter_context(reference_hook(model, hf_path, lora.WA.detach(), lora.WB.detach(), alpha=alpha))
+        yield

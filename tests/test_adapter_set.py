@@ -1,13 +1,12 @@
 """`LORA.on`: many adapters built and applied by one call, against plain hooks on every target."""
 
-import contextlib
 import copy
 from collections.abc import Mapping
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import hf_generate, hf_logits, randomize, reference_hook
+from conftest import hf_generate, hf_logits, randomize, randomized, reference_hooks
 
 from nnsight_toolbox import LORA, LoraSet, Optimization
 from nnsight_toolbox.optim import dims
@@ -15,22 +14,6 @@ from nnsight_toolbox.optim import dims
 PROMPT = "The Eiffel Tower is in"
 #: Per family: targets that adapt several modules in every layer.
 MANY = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj", "down_proj"]}
-
-
-def randomized(adapters: LoraSet, scale: float = 0.5) -> LoraSet:
-    for seed, lora in enumerate(adapters.values()):
-        randomize(lora, seed=seed, scale=scale)
-    return adapters
-
-
-@contextlib.contextmanager
-def reference_hooks(model, adapters: LoraSet, alpha: float = 1.0):
-    """One plain torch hook per adapter, on the raw modules."""
-    with contextlib.ExitStack() as stack:
-        for path, lora in adapters.items():
-            hf_path = path.split(".", 1)[1]
-            stack.enter_context(reference_hook(model, hf_path, lora.WA.detach(), lora.WB.detach(), alpha=alpha))
-        yield
 
 
 def test_one_adapter_per_matching_module_in_model_order(model, family):

@@ -92,15 +92,7 @@ def save_lora(lora: "LORA", directory: str | os.PathLike) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "package_version": __version__,
-        "module_path": lora.path,
-        "module_type": type(lora.module._module).__name__,
-        "r": lora.r,
-        "input_dim": lora.input_dim,
-        "output_dim": lora.output_dim,
-        "takes_ids": lora.takes_ids,
-        "dtype": _dtype_name(lora.WA.dtype),
-        "dropout": lora.dropout,
-        "training": lora.training,
+        **adapter_fields(lora, lora.path),
         "tensors": {"WA": list(lora.WA.shape), "WB": list(lora.WB.shape)},
         "sha256": sha256_hex(data),
     }
@@ -123,10 +115,29 @@ def load_lora(directory: str | os.PathLike, module: "Envoy", cls: type["LORA"] |
     """
     from ..optim.lora import LORA, _check_envoy
 
-    cls = LORA if cls is None else cls
     _check_envoy(module)
     saved = read_saved_lora(directory)
-    _check_fits(saved, module, Path(directory))
+    check_fits(saved, module, Path(directory))
+    return build_lora(saved, module, LORA if cls is None else cls)
+
+
+def adapter_fields(lora: "LORA", module_path: str) -> dict[str, Any]:
+    """What a sidecar records of one adapter (the set format records the same per adapter)."""
+    return {
+        "module_path": module_path,
+        "module_type": type(lora.module._module).__name__,
+        "r": lora.r,
+        "input_dim": lora.input_dim,
+        "output_dim": lora.output_dim,
+        "takes_ids": lora.takes_ids,
+        "dtype": _dtype_name(lora.WA.dtype),
+        "dropout": lora.dropout,
+        "training": lora.training,
+    }
+
+
+def build_lora(saved: SavedLora, module: "Envoy", cls: type["LORA"]) -> "LORA":
+    """A new adapter on ``module`` holding ``saved``'s weights (already checked to fit)."""
     lora = cls(
         module,
         saved.r,
@@ -145,24 +156,42 @@ def load_lora(directory: str | os.PathLike, module: "Envoy", cls: type["LORA"] |
 def read_saved_lora(directory: str | os.PathLike) -> SavedLora:
     """Read and check a saved adapter: every failure names the file at fault."""
     directory = require_directory(directory, "a saved adapter (`lora.json` and `lora.safetensors`)", _HINT)
-    sidecar_path = require_file(directory / SIDECAR_FILE, "the adapter's JSON sidecar", _HINT)
+    sidecar_path = require_file(directory / SIDECAR_FILE, "the adapter's JSON sidecar", _set_hint(directory))
     tensors_path = require_file(directory / TENSORS_FILE, "the adapter's tensors", _HINT)
     sidecar = read_json(sidecar_path)
-    _check_sidecar(sidecar, sidecar_path)
+    check_format(sidecar, sidecar_path, FORMAT, FORMAT_VERSION, "For a PEFT adapter use `import_peft`.")
+    check_adapter_fields(sidecar, f"`{sidecar_path}`")
+    if not isinstance(sidecar.get("sha256"), str):
+        raise ValueError(f"`{sidecar_path}`: field `sha256` should be a str, got {sidecar.get('sha256')!r}.")
+    tensors = read_checked_tensors(tensors_path, sidecar_path, sidecar["sha256"])
+    if set(tensors) != {"WA", "WB"}:
+        raise ValueError(f"`{tensors_path}` should hold exactly the tensors `WA` and `WB`, but holds {sorted(tensors)}.")
+    return saved_lora(sidecar, tensors["WA"], tensors["WB"], tensors_path, sidecar_path)
 
+
+def read_checked_tensors(tensors_path: Path, sidecar_path: Path, sha256: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``tensors_path``, once its bytes match the checksum ``sidecar_path`` recorded."""
     data = tensors_path.read_bytes()
-    if sha256_hex(data) != sidecar["sha256"]:
+    if sha256_hex(data) != sha256:
         raise ValueError(
             f"`{tensors_path}` does not match the checksum recorded in `{sidecar_path}`: "
             f"it is truncated or damaged, or belongs to another adapter. Save the adapter again."
         )
-    tensors = read_tensors(tensors_path, data)
-    if set(tensors) != {"WA", "WB"}:
-        raise ValueError(f"`{tensors_path}` should hold exactly the tensors `WA` and `WB`, but holds {sorted(tensors)}.")
-    r, input_dim, output_dim = sidecar["r"], sidecar["input_dim"], sidecar["output_dim"]
-    dtype = getattr(torch, sidecar["dtype"])
-    for name, expected in (("WA", (input_dim, r)), ("WB", (r, output_dim))):
-        tensor = tensors[name]
+    return read_tensors(tensors_path, data)
+
+
+def saved_lora(
+    fields: dict[str, Any], WA: torch.Tensor, WB: torch.Tensor, tensors_path: Path, sidecar_path: Path, prefix: str = ""
+) -> SavedLora:
+    """One adapter's checked fields and tensors as a `SavedLora`; shapes, dtypes and values checked.
+
+    ``prefix`` is what the tensors' names carry in the file (the set format
+    keys them by module path).
+    """
+    r, input_dim, output_dim = fields["r"], fields["input_dim"], fields["output_dim"]
+    dtype = getattr(torch, fields["dtype"])
+    for name, tensor, expected in (("WA", WA, (input_dim, r)), ("WB", WB, (r, output_dim))):
+        name = prefix + name
         if tuple(tensor.shape) != expected:
             raise ValueError(
                 f"`{tensors_path}`: tensor `{name}` has shape {tuple(tensor.shape)}, but "
@@ -178,30 +207,37 @@ def read_saved_lora(directory: str | os.PathLike) -> SavedLora:
         r=r,
         input_dim=input_dim,
         output_dim=output_dim,
-        takes_ids=sidecar["takes_ids"],
-        dropout=float(sidecar["dropout"]),
-        training=sidecar["training"],
-        module_path=sidecar["module_path"],
-        WA=tensors["WA"],
-        WB=tensors["WB"],
+        takes_ids=fields["takes_ids"],
+        dropout=float(fields["dropout"]),
+        training=fields["training"],
+        module_path=fields["module_path"],
+        WA=WA,
+        WB=WB,
     )
 
 
-def _check_sidecar(sidecar: dict[str, Any], path: Path) -> None:
-    if sidecar.get("format") != FORMAT:
+def check_format(sidecar: dict[str, Any], path: Path, expected: str, newest: int, other_hint: str) -> None:
+    """The sidecar's ``format`` must be ``expected`` and its ``format_version`` one this package reads."""
+    if sidecar.get("format") != expected:
         raise ValueError(
-            f"`{path}` is not a sidecar of this package's adapter format (its `format` is "
-            f"{sidecar.get('format')!r}, expected {FORMAT!r}). For a PEFT adapter use `import_peft`."
+            f"`{path}` is not a sidecar of this package's {expected!r} format (its `format` is "
+            f"{sidecar.get('format')!r}). {other_hint}"
         )
     version = sidecar.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"`{path}`: `format_version` must be a positive int, got {version!r}.")
-    if version > FORMAT_VERSION:
+    if version > newest:
         raise ValueError(
             f"`{path}` was written in format version {version} by nnsight-toolbox "
             f"{sidecar.get('package_version', '?')}; this version reads up to format "
-            f"version {FORMAT_VERSION}. Upgrade nnsight-toolbox to load it."
+            f"version {newest}. Upgrade nnsight-toolbox to load it."
         )
+
+
+def check_adapter_fields(fields: Any, where: str) -> None:
+    """One adapter's recorded fields (see `adapter_fields`) must have the right types and ranges."""
+    if not isinstance(fields, dict):
+        raise ValueError(f"{where}: an adapter's entry should be a JSON object, got {fields!r}.")
     expected = {
         "module_path": str,
         "r": int,
@@ -210,23 +246,29 @@ def _check_sidecar(sidecar: dict[str, Any], path: Path) -> None:
         "takes_ids": bool,
         "dtype": str,
         "training": bool,
-        "sha256": str,
     }
     for key, kind in expected.items():
-        value = sidecar.get(key)
+        value = fields.get(key)
         wrong_bool = kind is int and isinstance(value, bool)
         if not isinstance(value, kind) or wrong_bool or (kind is int and value < 1):
             raise ValueError(
-                f"`{path}`: field `{key}` should be a {'positive int' if kind is int else kind.__name__}, got {value!r}."
+                f"{where}: field `{key}` should be a {'positive int' if kind is int else kind.__name__}, got {value!r}."
             )
-    if not is_number(sidecar.get("dropout")) or not 0.0 <= sidecar["dropout"] < 1.0:
-        raise ValueError(f"`{path}`: field `dropout` should be a number in [0, 1), got {sidecar.get('dropout')!r}.")
-    dtype = getattr(torch, sidecar["dtype"], None)
+    if not is_number(fields.get("dropout")) or not 0.0 <= fields["dropout"] < 1.0:
+        raise ValueError(f"{where}: field `dropout` should be a number in [0, 1), got {fields.get('dropout')!r}.")
+    dtype = getattr(torch, fields["dtype"], None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"`{path}`: field `dtype` should name a floating torch dtype, got {sidecar['dtype']!r}.")
+        raise ValueError(f"{where}: field `dtype` should name a floating torch dtype, got {fields['dtype']!r}.")
 
 
-def _check_fits(saved: SavedLora, module: "Envoy", directory: Path) -> None:
+def _set_hint(directory: Path) -> str:
+    """Point at `LoraSet.load` when ``directory`` holds a saved set rather than one adapter."""
+    if (directory / "lora_set.json").is_file():
+        return "It holds a saved `LoraSet` (`lora_set.json`): load it with `LoraSet.load(directory, model)`."
+    return _HINT
+
+
+def check_fits(saved: SavedLora, module: "Envoy", directory: Path) -> None:
     """The saved widths must be the module's; its path may differ (the caller chose it)."""
     dims = infer_dims(module)
     saved_shape = (saved.input_dim, saved.output_dim)

@@ -26,6 +26,7 @@ paths, so ``state_dict()`` keys are the module paths themselves::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
@@ -150,6 +151,14 @@ class LoraSet(Optimization, Mapping):
             ...     adapters()
             ...     ids = tracer.result.save()
         """
+        merged = [path for path, lora in self._by_path.items() if lora.merged]
+        if merged:
+            raise RuntimeError(
+                f"{len(merged)} adapter(s) of this set are merged into the weights (e.g. "
+                f"`{merged[0]}`), so the model already computes them for every row of every "
+                f"run; `adapters()` would add them a second time. Drop the call, or call "
+                f"`adapters.unmerge()` first to apply them per invoke again."
+            )
         alpha = check_alpha(alpha)
         steps = normalize_steps(steps)
         for lora in self._by_path.values():
@@ -187,6 +196,112 @@ class LoraSet(Optimization, Mapping):
     __eq__ = object.__eq__
     __ne__ = object.__ne__
     __hash__ = object.__hash__
+
+    @property
+    def root_path(self) -> str:
+        """The model's own nnsight path, the first part of every key (``"model"``).
+
+        Examples:
+            >>> adapters.root_path
+            'model'
+        """
+        return self._root_path
+
+    # -- artifacts -----------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Save every adapter to ``directory``: ``lora_set.safetensors`` plus a ``lora_set.json`` sidecar.
+
+        One tensor file for the whole set, keyed by module path; the sidecar
+        records each adapter's rank, widths, dtype and dropout. Load it back
+        with `LoraSet.load`; for PEFT's format use `export_peft(adapters, ...)`.
+
+        Examples:
+            >>> adapters = LORA.on(model, ["c_attn"], r=4)
+            >>> adapters.save("adapters/attention")
+            >>> sorted(os.listdir("adapters/attention"))
+            ['lora_set.json', 'lora_set.safetensors']
+        """
+        from ..artifacts.native_set import save_lora_set
+
+        save_lora_set(self, directory)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, model: "Envoy") -> "LoraSet":
+        """A new set on ``model`` with the adapters saved in ``directory`` by `save`.
+
+        Each adapter goes on the module at its saved path, which must exist in
+        ``model`` with the saved widths. Reads JSON and safetensors only (never
+        pickle) and checks every adapter before building any: a damaged file or
+        a model without one of the modules raises, naming it, and builds nothing.
+
+        Examples:
+            >>> LORA.on(model, ["c_attn"], r=4).save("adapters/attention")
+            >>> restored = LoraSet.load("adapters/attention", model)
+            >>> list(restored)
+            ['model.transformer.h.0.attn.c_attn', 'model.transformer.h.1.attn.c_attn']
+        """
+        from ..artifacts.native_set import load_lora_set
+
+        return load_lora_set(directory, model, cls)
+
+    @property
+    def merged(self) -> bool:
+        """Whether the adapters are merged into their layers' weights (`merge`).
+
+        Examples:
+            >>> adapters = LORA.on(model, ["c_attn"], r=4)
+            >>> adapters.merged
+            False
+        """
+        return any(lora.merged for lora in self._by_path.values())
+
+    def merge(self, alpha: float = 1.0) -> None:
+        """Fold every adapter into its layer's weight, all or none (see `LORA.merge`).
+
+        If any adapter cannot merge (a block, a tied weight, a result with NaN or
+        Inf), the ones this call already merged are taken back out bit for bit
+        before the error is raised: the model computes exactly what it did before.
+
+        Examples:
+            >>> adapters = LORA.on(model, ["c_attn"], r=4)
+            >>> adapters.merge()
+            >>> with model.generate("Hello", max_new_tokens=3) as tracer:
+            ...     ids = tracer.result.save()     # no `adapters()` call: the weights carry them
+            >>> adapters.unmerge()
+        """
+        alpha = check_alpha(alpha)
+        already = [path for path, lora in self._by_path.items() if lora.merged]
+        if already:
+            raise RuntimeError(
+                f"{len(already)} adapter(s) of this set are already merged (e.g. `{already[0]}`); "
+                f"merging again would add their deltas twice. Call `adapters.unmerge()` first."
+            )
+        done: list[LORA] = []
+        try:
+            for lora in self._by_path.values():
+                lora.merge(alpha)
+                done.append(lora)
+        except BaseException:
+            for lora in reversed(done):
+                lora.unmerge()
+            raise
+
+    def unmerge(self) -> None:
+        """Take every merged adapter back out of its weight (see `LORA.unmerge`).
+
+        Examples:
+            >>> adapters = LORA.on(model, ["c_attn"], r=4)
+            >>> adapters.merge()
+            >>> adapters.unmerge()
+            >>> adapters.merged
+            False
+        """
+        merged = [lora for lora in self._by_path.values() if lora.merged]
+        if not merged:
+            raise RuntimeError("No adapter of this set is merged; there is nothing to unmerge.")
+        for lora in reversed(merged):
+            lora.unmerge()
 
     # -- reporting -----------------------------------------------------------
 

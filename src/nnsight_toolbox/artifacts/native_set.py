@@ -1,0 +1,166 @@
+"""A whole `LoraSet` as one artifact: one safetensors file and one JSON sidecar.
+
+A saved set is a directory::
+
+    <directory>/
+        lora_set.safetensors   "<module path>.WA" and "<module path>.WB" for every adapter
+        lora_set.json          the format and package versions, the tensor file's
+                               SHA-256, and per adapter what `lora.json` records
+                               for one (r, widths, dtype, dropout, training, path)
+
+Module paths are relative to the model (``transformer.h.0.attn.c_attn``), as in
+a Hugging Face ``state_dict``, so the set loads onto any nnsight wrapper of the
+same architecture. Loading reads JSON and safetensors only, never pickle, and
+checks every adapter (its entry, tensors, checksum, and that the model has the
+module with the same widths) before it builds any; a failure names the file and
+the adapter at fault, and nothing is built.
+
+Compatibility: ``format_version`` is 1, read by every later version of this
+package; a file from a newer version is refused with a message to upgrade.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .files import read_json, require_directory, require_file, sha256_hex, tensor_bytes, write_atomically
+from .native import (
+    SavedLora,
+    adapter_fields,
+    build_lora,
+    check_adapter_fields,
+    check_fits,
+    check_format,
+    read_checked_tensors,
+    saved_lora,
+)
+
+if TYPE_CHECKING:
+    from nnsight.intervention.envoy import Envoy
+
+    from ..optim.adapter_set import LoraSet
+
+__all__ = ["SET_FORMAT", "SET_FORMAT_VERSION", "SET_TENSORS_FILE", "SET_SIDECAR_FILE", "save_lora_set", "load_lora_set"]
+
+SET_FORMAT = "nnsight-toolbox/lora-set"
+#: The version this package writes. Readers accept every version up to it.
+SET_FORMAT_VERSION = 1
+SET_TENSORS_FILE = "lora_set.safetensors"
+SET_SIDECAR_FILE = "lora_set.json"
+
+_HINT = "Save a set there with `adapters.save(directory)`."
+
+
+def save_lora_set(adapters: "LoraSet", directory: str | os.PathLike) -> Path:
+    """Write every adapter of ``adapters`` to ``directory`` (created if needed).
+
+    Existing files of those names are replaced, each atomically.
+
+    Examples:
+        >>> save_lora_set(LORA.on(model, ["c_attn"], r=4), "adapters/set")
+        PosixPath('adapters/set')
+    """
+    from .. import __version__
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"`{directory}` is a file; `adapters.save` needs a directory to write into.")
+    entries, tensors = [], {}
+    for path, lora in adapters.items():
+        relative = _relative(path, adapters.root_path)
+        entries.append(adapter_fields(lora, relative))
+        tensors[f"{relative}.WA"], tensors[f"{relative}.WB"] = lora.WA, lora.WB
+    data = tensor_bytes(tensors)
+    sidecar = {
+        "format": SET_FORMAT,
+        "format_version": SET_FORMAT_VERSION,
+        "package_version": __version__,
+        "adapters": entries,
+        "sha256": sha256_hex(data),
+    }
+    write_atomically(directory, {SET_TENSORS_FILE: data, SET_SIDECAR_FILE: (json.dumps(sidecar, indent=2) + "\n").encode()})
+    return directory
+
+
+def load_lora_set(directory: str | os.PathLike, model: "Envoy", cls: type["LoraSet"] | None = None) -> "LoraSet":
+    """A new set on ``model``'s modules at the saved paths, holding the saved weights.
+
+    Examples:
+        >>> save_lora_set(LORA.on(model, ["c_attn"], r=4), "adapters/set")
+        PosixPath('adapters/set')
+        >>> list(load_lora_set("adapters/set", model))
+        ['model.transformer.h.0.attn.c_attn', 'model.transformer.h.1.attn.c_attn']
+    """
+    from ..optim.adapter_set import LoraSet
+    from ..optim.lora import LORA, _check_envoy
+
+    cls = LoraSet if cls is None else cls
+    _check_envoy(model)
+    directory = Path(directory)
+    saved = read_saved_set(directory)
+    modules = _resolve_modules(saved, model, directory)
+    for one, module in zip(saved, modules):
+        check_fits(one, module, directory)
+    return cls(build_lora(one, module, LORA) for one, module in zip(saved, modules))
+
+
+def read_saved_set(directory: str | os.PathLike) -> list[SavedLora]:
+    """Read and check a saved set: every failure names the file, and the adapter, at fault."""
+    directory = require_directory(directory, "a saved `LoraSet` (`lora_set.json` and `lora_set.safetensors`)", _HINT)
+    sidecar_path = require_file(directory / SET_SIDECAR_FILE, "the set's JSON sidecar", _single_hint(directory))
+    tensors_path = require_file(directory / SET_TENSORS_FILE, "the set's tensors", _HINT)
+    sidecar = read_json(sidecar_path)
+    check_format(sidecar, sidecar_path, SET_FORMAT, SET_FORMAT_VERSION, "For one adapter use `LORA.load`; for a PEFT adapter `import_peft`.")
+    entries = sidecar.get("adapters")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"`{sidecar_path}`: field `adapters` should be a non-empty list, got {entries!r}.")
+    for i, entry in enumerate(entries):
+        check_adapter_fields(entry, f"`{sidecar_path}`, adapter {i}")
+    paths = [entry["module_path"] for entry in entries]
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:
+        raise ValueError(f"`{sidecar_path}` lists the module `{twice[0]}` twice; a set holds one adapter per module.")
+    if not isinstance(sidecar.get("sha256"), str):
+        raise ValueError(f"`{sidecar_path}`: field `sha256` should be a str, got {sidecar.get('sha256')!r}.")
+
+    tensors = read_checked_tensors(tensors_path, sidecar_path, sidecar["sha256"])
+    expected = {f"{p}.{name}" for p in paths for name in ("WA", "WB")}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ValueError(
+            f"`{tensors_path}` does not hold the tensors `{sidecar_path}` lists: "
+            f"missing {missing[:4] or 'none'}, unexpected {extra[:4] or 'none'}. The two files do not belong together."
+        )
+    return [
+        saved_lora(entry, tensors[f"{p}.WA"], tensors[f"{p}.WB"], tensors_path, sidecar_path, prefix=f"{p}.")
+        for entry, p in zip(entries, paths)
+    ]
+
+
+def _resolve_modules(saved: list[SavedLora], model: "Envoy", directory: Path) -> list["Envoy"]:
+    """The model's Envoy at each saved path; an error listing every path the model lacks."""
+    names = {name for name, _ in model._module.named_modules() if name}
+    missing = [one.module_path for one in saved if one.module_path not in names]
+    if missing:
+        shown = ", ".join(sorted(names)[:4])
+        raise ValueError(
+            f"The set in `{directory}` has adapters on {len(missing)} module(s) this model does not "
+            f"have, e.g. `{missing[0]}`. Its modules are named like {shown}, ... Load the set onto "
+            f"the model it was trained on (or one of the same architecture), passing the model itself."
+        )
+    return [model.get(one.module_path) for one in saved]
+
+
+def _relative(path: str, root_path: str) -> str:
+    """A set key (an nnsight path, ``model.transformer...``) as a path inside the model."""
+    return path[len(root_path) + 1 :] if path.startswith(root_path + ".") else path
+
+
+def _single_hint(directory: Path) -> str:
+    """Point at `LORA.load` when ``directory`` holds one saved adapter rather than a set."""
+    if (directory / "lora.json").is_file():
+        return "It holds one saved adapter (`lora.json`): load it with `LORA.load(directory, module)`."
+    return _HINT

@@ -1,0 +1,266 @@
+"""`LoraSet.save` / `LoraSet.load` and set-wide `merge`: round trips against plain hooks,
+and every bad file, bad model and failed merge leaves nothing built and nothing changed."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import hf_generate, hf_logits, load, randomize, randomized, reference_hooks
+from safetensors.torch import load_file, save_file
+
+from nnsight_toolbox import LORA, LoraSet
+from nnsight_toolbox.artifacts.files import sha256_hex
+
+PROMPT = "The Eiffel Tower is in"
+MANY = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj", "down_proj"]}
+
+
+def set_logits(model, adapters, alpha=1.0):
+    with model.trace(PROMPT):
+        adapters(alpha)
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def mixed_set(gpt2):
+    """Different ranks, dtypes and kinds of target: a Conv1D, a block, an embedding, a bf16 adapter."""
+    adapters = LoraSet([
+        LORA(gpt2.transformer.wte, r=2),
+        LORA(gpt2.transformer.h[0].mlp, r=3, dropout=0.1),
+        LORA(gpt2.transformer.h[1].attn.c_attn, r=5, dtype=torch.bfloat16),
+    ])
+    return randomized(adapters)
+
+
+def test_a_saved_set_loads_onto_a_fresh_model_and_computes_what_hooks_do(model_paths, family, tmp_path):
+    model = load(model_paths[family])
+    adapters = randomized(LORA.on(model, MANY[family], r=4))
+    adapters.save(tmp_path / "set")
+
+    fresh = load(model_paths[family])  # another instance, loaded from disk again
+    loaded = LoraSet.load(tmp_path / "set", fresh)
+    assert list(loaded) == list(adapters)
+    for path, lora in adapters.items():
+        assert torch.equal(loaded[path].WA, lora.WA) and torch.equal(loaded[path].WB, lora.WB)
+        assert loaded[path].module._module is fresh._module.get_submodule(path.split(".", 1)[1])
+    logits = set_logits(fresh, loaded, alpha=0.7)
+    with reference_hooks(fresh, adapters, alpha=0.7):
+        expected = hf_logits(fresh, PROMPT)
+    assert not torch.allclose(expected, hf_logits(fresh, PROMPT), atol=1e-4), "the adapters should change the logits"
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_ranks_dtypes_and_targets_round_trip_bit_for_bit(gpt2, tmp_path):
+    adapters = mixed_set(gpt2)
+    adapters.eval()
+    adapters.save(tmp_path / "set")
+    loaded = LoraSet.load(tmp_path / "set", gpt2)
+    for path, lora in adapters.items():
+        twin = loaded[path]
+        assert (twin.r, twin.input_dim, twin.output_dim, twin.takes_ids, twin.dropout, twin.training) == (
+            lora.r, lora.input_dim, lora.output_dim, lora.takes_ids, lora.dropout, lora.training,
+        )
+        assert twin.WA.dtype == lora.WA.dtype and torch.equal(twin.WA, lora.WA) and torch.equal(twin.WB, lora.WB)
+    assert torch.equal(set_logits(gpt2, loaded), set_logits(gpt2, adapters))
+
+
+def test_the_files_are_one_tensor_file_keyed_by_module_path_and_a_sidecar(gpt2, tmp_path):
+    adapters = randomized(LORA.on(gpt2, ["c_attn"], r=4))
+    adapters.save(tmp_path / "set")
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["lora_set.json", "lora_set.safetensors"]
+    tensors = load_file(tmp_path / "set" / "lora_set.safetensors")
+    assert sorted(tensors) == [f"transformer.h.{i}.attn.c_attn.{w}" for i in (0, 1) for w in ("WA", "WB")]
+    assert torch.equal(tensors["transformer.h.1.attn.c_attn.WB"], adapters["transformer.h.1.attn.c_attn"].WB)
+    sidecar = json.loads((tmp_path / "set" / "lora_set.json").read_text())
+    assert sidecar["format"] == "nnsight-toolbox/lora-set" and sidecar["format_version"] == 1
+    assert [e["module_path"] for e in sidecar["adapters"]] == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    assert sidecar["adapters"][0]["r"] == 4 and sidecar["adapters"][0]["module_type"] == "Conv1D"
+    assert sidecar["sha256"] == sha256_hex((tmp_path / "set" / "lora_set.safetensors").read_bytes())
+
+
+def test_saving_again_replaces_the_files(gpt2, tmp_path):
+    adapters = randomized(LORA.on(gpt2, ["c_attn"], r=4))
+    adapters.save(tmp_path / "set")
+    with torch.no_grad():
+        adapters["transformer.h.0.attn.c_attn"].WB.add_(1.0)
+    adapters.save(tmp_path / "set")
+    loaded = LoraSet.load(tmp_path / "set", gpt2)
+    assert torch.equal(loaded["transformer.h.0.attn.c_attn"].WB, adapters["transformer.h.0.attn.c_attn"].WB)
+    assert not [p for p in (tmp_path / "set").iterdir() if p.name.endswith(".tmp")]
+
+
+# -- bad files: each names what is wrong, and nothing is built ----------------------
+
+
+def saved(gpt2, tmp_path) -> Path:
+    directory = tmp_path / "set"
+    randomized(LORA.on(gpt2, ["c_attn"], r=4)).save(directory)
+    return directory
+
+
+def rewrite_sidecar(directory: Path, change) -> None:
+    sidecar = json.loads((directory / "lora_set.json").read_text())
+    change(sidecar)
+    (directory / "lora_set.json").write_text(json.dumps(sidecar))
+
+
+def rewrite_tensors(directory: Path, change) -> None:
+    """Change the tensors and record the new checksum, so the check under test is the one that fires."""
+    tensors = load_file(directory / "lora_set.safetensors")
+    change(tensors)
+    save_file(tensors, directory / "lora_set.safetensors")
+    data = (directory / "lora_set.safetensors").read_bytes()
+    rewrite_sidecar(directory, lambda s: s.update(sha256=sha256_hex(data)))
+
+
+BAD_FILES = {
+    "missing sidecar": (lambda d: (d / "lora_set.json").unlink(), FileNotFoundError, r"lora_set\.json` is missing"),
+    "missing tensors": (lambda d: (d / "lora_set.safetensors").unlink(), FileNotFoundError, r"lora_set\.safetensors` is missing"),
+    "sidecar not json": (lambda d: (d / "lora_set.json").write_text("{oops"), ValueError, "not valid JSON"),
+    "truncated tensors": (
+        lambda d: (d / "lora_set.safetensors").write_bytes((d / "lora_set.safetensors").read_bytes()[:-9]),
+        ValueError,
+        "does not match the checksum",
+    ),
+    "other format": (lambda d: rewrite_sidecar(d, lambda s: s.update(format="nnsight-toolbox/lora")), ValueError, "LORA.load"),
+    "newer version": (lambda d: rewrite_sidecar(d, lambda s: s.update(format_version=2)), ValueError, "Upgrade nnsight-toolbox"),
+    "no adapters": (lambda d: rewrite_sidecar(d, lambda s: s.update(adapters=[])), ValueError, "non-empty list"),
+    "bad rank": (lambda d: rewrite_sidecar(d, lambda s: s["adapters"][1].update(r=0)), ValueError, r"adapter 1: field `r`"),
+    "bad dtype": (lambda d: rewrite_sidecar(d, lambda s: s["adapters"][0].update(dtype="int8")), ValueError, "floating torch dtype"),
+    "path twice": (
+        lambda d: rewrite_sidecar(d, lambda s: s["adapters"][1].update(module_path=s["adapters"][0]["module_path"])),
+        ValueError,
+        "twice",
+    ),
+    "missing tensor": (
+        lambda d: rewrite_tensors(d, lambda t: t.pop("transformer.h.1.attn.c_attn.WB")),
+        ValueError,
+        r"missing \['transformer\.h\.1\.attn\.c_attn\.WB'\]",
+    ),
+    "wrong shape": (
+        lambda d: rewrite_tensors(d, lambda t: t.update({"transformer.h.0.attn.c_attn.WA": torch.zeros(32, 3)})),
+        ValueError,
+        r"tensor `transformer\.h\.0\.attn\.c_attn\.WA` has shape \(32, 3\)",
+    ),
+    "nan": (
+        lambda d: rewrite_tensors(d, lambda t: t["transformer.h.1.attn.c_attn.WB"].__setitem__((0, 0), float("nan"))),
+        ValueError,
+        "NaN or infinite",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", BAD_FILES, ids=list(BAD_FILES))
+def test_a_damaged_set_is_refused_naming_the_file(gpt2, tmp_path, damage):
+    directory = saved(gpt2, tmp_path)
+    change, error, match = BAD_FILES[damage]
+    change(directory)
+    with pytest.raises(error, match=match):
+        LoraSet.load(directory, gpt2)
+
+
+def test_a_model_without_the_modules_is_refused_before_anything_is_built(model_paths, tmp_path, monkeypatch):
+    gpt2 = load(model_paths["gpt2"])
+    directory = saved(gpt2, tmp_path)
+    llama = load(model_paths["llama"])
+    built = []
+    monkeypatch.setattr(LORA, "__init__", lambda self, *a, **k: built.append(a) or (_ for _ in ()).throw(AssertionError))
+    with pytest.raises(ValueError, match=r"2 module\(s\) this model does not have, e\.g\. `transformer\.h\.0\.attn\.c_attn`"):
+        LoraSet.load(directory, llama)
+    assert built == []
+
+
+def test_a_model_of_other_widths_is_refused_naming_both_shapes(model_paths, tmp_path):
+    from nnsight_toolbox.testing import save_tiny_model
+
+    gpt2 = load(model_paths["gpt2"])
+    directory = saved(gpt2, tmp_path)
+    wider = load(save_tiny_model("gpt2", tmp_path / "wider", n_embd=64))
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn.*\(32, 96\).*\(64, 192\)"):
+        LoraSet.load(directory, wider)
+
+
+def test_each_format_points_at_the_other_loader(gpt2, tmp_path):
+    one = LORA(gpt2.transformer.h[0].mlp, r=2)
+    one.save(tmp_path / "one")
+    with pytest.raises(FileNotFoundError, match=r"LORA\.load\(directory, module\)"):
+        LoraSet.load(tmp_path / "one", gpt2)
+    LORA.on(gpt2, ["c_attn"], r=2).save(tmp_path / "set")
+    with pytest.raises(FileNotFoundError, match=r"LoraSet\.load\(directory, model\)"):
+        LORA.load(tmp_path / "set", gpt2.transformer.h[0].mlp)
+
+
+def test_saving_into_a_file_is_refused(gpt2, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="needs a directory"):
+        LORA.on(gpt2, ["c_attn"], r=2).save(tmp_path / "file")
+
+
+# -- merging a whole set: all or none --------------------------------------------
+
+
+def weights(model):
+    return {name: p.detach().clone() for name, p in model._module.named_parameters()}
+
+
+def test_a_merged_set_computes_the_unmerged_set_and_unmerges_bit_for_bit(gpt2):
+    adapters = randomized(LORA.on(gpt2, ["c_attn", "c_fc"], r=4), scale=2.0)
+    before = weights(gpt2)
+    with gpt2.generate(PROMPT, max_new_tokens=6, do_sample=False) as tracer:
+        adapters(alpha=0.5)
+        unmerged_ids = tracer.result.save()
+    unmerged = set_logits(gpt2, adapters, alpha=0.5)
+
+    adapters.merge(alpha=0.5)
+    assert adapters.merged
+    torch.testing.assert_close(hf_logits(gpt2, PROMPT), unmerged, rtol=1e-4, atol=1e-4)
+    assert torch.equal(hf_generate(gpt2, PROMPT, 6), unmerged_ids)
+    with pytest.raises(RuntimeError, match="already merged"):
+        adapters.merge()
+    with pytest.raises(RuntimeError, match=r"merged into the weights.*adapters\.unmerge\(\)"):
+        with gpt2.trace(PROMPT):
+            adapters()
+
+    adapters.unmerge()
+    assert not adapters.merged
+    after = weights(gpt2)
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    with pytest.raises(RuntimeError, match="nothing to unmerge"):
+        adapters.unmerge()
+
+
+def test_a_set_that_cannot_merge_leaves_every_weight_as_it_was(gpt2):
+    # the first Conv1D merges, then the MLP block cannot (it has no single weight)
+    adapters = randomized(LoraSet([LORA(gpt2.transformer.h[0].attn.c_attn, r=4), LORA(gpt2.transformer.h[1].mlp, r=4)]))
+    before, base = weights(gpt2), hf_logits(gpt2, PROMPT)
+    with pytest.raises(TypeError):
+        adapters.merge()
+    assert not any(lora.merged for lora in adapters.values())
+    after = weights(gpt2)
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    assert torch.equal(hf_logits(gpt2, PROMPT), base)
+
+
+def test_a_merge_that_would_write_nan_leaves_every_weight_as_it_was(gpt2):
+    adapters = randomized(LORA.on(gpt2, ["c_attn", "c_fc"], r=4))
+    last = list(adapters.values())[-1]
+    with torch.no_grad():
+        last.WB[0, 0] = float("inf")
+    before = weights(gpt2)
+    with pytest.raises(ValueError):
+        adapters.merge()
+    assert not adapters.merged
+    after = weights(gpt2)
+    assert all(torch.equal(after[name], before[name]) for name in before)
+
+
+def test_a_set_with_one_adapter_merged_by_hand_is_refused(gpt2):
+    adapters = randomized(LORA.on(gpt2, ["c_attn"], r=4))
+    first = next(iter(adapters.values()))
+    first.merge()
+    with pytest.raises(RuntimeError, match=r"1 adapter\(s\) of this set are already merged"):
+        adapters.merge()
+    assert [lora.merged for lora in adapters.values()] == [True, False]
+    adapters.unmerge()
+    assert not adapters.merged
