@@ -37,6 +37,9 @@ class BenchConfig:
         token_lengths: New-token counts for the per-token cost check.
         many_targets: Targets of the "many adapters" measure, with ``many_layers``
             choosing layers so that the count comes to 64 where the model allows.
+        many_model: Config keyword arguments of the model that measure runs on,
+            or ``None`` for the benchmark's own. GPT-2 small has 48 linear
+            layers in its blocks; the same widths with 16 layers have 64.
         loop_steps: Length of the steady-state training loop.
         loop_batch: ``(batch, tokens)`` of that loop.
         loop_model: Config keyword arguments of a narrower model for that loop,
@@ -44,9 +47,8 @@ class BenchConfig:
             would take minutes; a model with the same layers and modules but 64
             wide keeps every per-step cost of the trace and the adapters, which
             is what would grow, and makes it a larger share of the step.
-        variants: The variants to time (``toolbox-merged`` only runs once
-            `LORA` has ``merge``); the plain ``nnsight`` column is left out on
-            CPU, where it would add minutes.
+        variants: The variants to time; the plain ``nnsight`` column is left
+            out on CPU, where it would add minutes.
         token_variants: The variants of the per-token measure.
         threads: torch CPU threads; ``None`` keeps torch's default.
         clock: ``"wall"``, or ``"cpu"`` for the process's CPU time (see `timing`).
@@ -70,6 +72,7 @@ class BenchConfig:
     many_targets: tuple[str, ...] = ()
     many_layers: tuple[int, ...] | None = None
     many_repeats: int = 3
+    many_model: dict[str, Any] | None = None
     loop_steps: int = 500
     loop_batch: tuple[int, int] = (1, 16)
     loop_model: dict[str, Any] | None = None
@@ -149,8 +152,9 @@ CONFIGS: dict[str, BenchConfig] = {
         repeats=9,  # the CPU bar's two measures; a shared CPU needs the repeats
         forward_repeats=5,
         token_repeats=3,
-        # GPT-2 small has 48 linear layers in its blocks, the most PEFT can adapt there.
+        # GPT-2 small has 48 linear layers in its blocks; 16 layers of its widths have 64.
         many_targets=GPT2_BLOCK_LINEARS,
+        many_model=dict(GPT2_SMALL, n_layer=16),
         loop_batch=(1, 16),
         loop_model=dict(GPT2_SMALL, n_embd=64, n_head=4),
         variants=("toolbox", "toolbox-merged", "peft", "hooks", "nnsight-base", "base"),

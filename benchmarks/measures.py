@@ -6,6 +6,7 @@ carry ``median_ms``, ``times_ms`` and ``spread`` (``(max - min) / median``).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import statistics
 import time
@@ -15,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from timing import Timing, current_memory, peak_memory, prepare_cpu_memory_tracking, synchronize, time_interleaved
-from variants import AdapterInit, HooksVariant, Models, PeftVariant, ToolboxVariant, Variant, adapter_init
+from variants import AdapterInit, HooksVariant, Models, PeftVariant, ToolboxVariant, Variant, adapter_init, build_models
 
 __all__ = ["agreement", "main_measures", "train_peak_memory", "token_scaling", "many_adapters", "steady_loop"]
 
@@ -137,6 +138,10 @@ def token_scaling(config: Any, variants: dict[str, Variant], prompt: torch.Tenso
 
 def many_adapters(config: Any, models: Models, prompt: torch.Tensor) -> list[dict]:
     """Generation with 2 adapters against many (64 where the model has that many targets)."""
+    note = "the benchmark model"
+    if config.many_model is not None:
+        models = build_models(dataclasses.replace(config, model=config.many_model))
+        note = ", ".join(f"{k}={v}" for k, v in config.many_model.items())
     model = models.nnsight
     full = adapter_init(model, config.many_targets, config.r, config.seed + 1, config.many_layers)
     paths = full.paths[:64]
@@ -151,7 +156,7 @@ def many_adapters(config: Any, models: Models, prompt: torch.Tensor) -> list[dic
         }
         calls = {name: (lambda v=v: v.generate(prompt, n), v.active) for name, v in variants.items()}
         timings = _run(f"{count} adapters", calls, repeats=config.many_repeats, warmup=1, config=config)
-        records += timed_records("generate_many", timings, adapters=count, new_tokens=n)
+        records += timed_records("generate_many", timings, adapters=count, new_tokens=n, model=note)
         del variants, calls
         gc.collect()
     return records

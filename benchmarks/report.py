@@ -189,6 +189,8 @@ def markdown(meta: dict, records: list[dict]) -> str:
     many = [r for r in records if r["measure"] == "generate_many"]
     if many:
         counts = sorted({r["adapters"] for r in many})
+        lines.append(f"Many adapters, on {many[0].get('model', 'the benchmark model')}:")
+        lines.append("")
         lines.append(f"| generate ({meta['new_tokens']} tokens), ms | " + " | ".join(f"{c} adapters" for c in counts) + " | per extra adapter per token |")
         lines.append("| --- | " + " | ".join("---" for _ in counts) + " | --- |")
         for v in dict.fromkeys(r["variant"] for r in many):

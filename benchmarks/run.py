@@ -107,13 +107,10 @@ def main(argv: list[str] | None = None) -> Path:
     out = args.out or Path(__file__).resolve().parent / "results" / f"{config.name}-{stamp}.jsonl"
     started = time.perf_counter()
 
-    from nnsight_toolbox import LORA
-
     models = build_models(config)
     hf_config = models.raw.config
     init = adapter_init(models.nnsight, config.targets, config.r, config.seed)
-    names = tuple(v for v in config.variants if v != "toolbox-merged" or hasattr(LORA, "merge"))  # once merge exists
-    variants = build_variants(models, init, config.r, names)
+    variants = build_variants(models, init, config.r, config.variants)
     generator = torch.Generator().manual_seed(config.seed)
     vocab = hf_config.vocab_size
     ids = torch.randint(0, vocab, config.train_batch, generator=generator).to(config.device)

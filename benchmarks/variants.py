@@ -235,8 +235,7 @@ class ToolboxVariant(TracedVariant):
         self.merged = merged
         if merged:
             self.name = "toolbox-merged"
-            for lora in self.adapters.values():
-                lora.merge()
+            self.adapters.merge()
         TracedVariant.__init__(self, model, pad_token_id, None if merged else self.adapters.parameters())
 
     def parameters(self) -> list[torch.nn.Parameter]:
