@@ -155,6 +155,7 @@ CONFIGS: dict[str, BenchConfig] = {
         # GPT-2 small has 48 linear layers in its blocks; 16 layers of its widths have 64.
         many_targets=GPT2_BLOCK_LINEARS,
         many_model=dict(GPT2_SMALL, n_layer=16),
+        many_repeats=5,
         loop_batch=(1, 16),
         loop_model=dict(GPT2_SMALL, n_embd=64, n_head=4),
         variants=("toolbox", "toolbox-merged", "peft", "hooks", "nnsight-base", "base"),

@@ -191,12 +191,19 @@ def markdown(meta: dict, records: list[dict]) -> str:
         counts = sorted({r["adapters"] for r in many})
         lines.append(f"Many adapters, on {many[0].get('model', 'the benchmark model')}:")
         lines.append("")
-        lines.append(f"| generate ({meta['new_tokens']} tokens), ms | " + " | ".join(f"{c} adapters" for c in counts) + " | per extra adapter per token |")
-        lines.append("| --- | " + " | ".join("---" for _ in counts) + " | --- |")
+        lines.append(
+            f"| generate ({meta['new_tokens']} tokens), ms | " + " | ".join(f"{c} adapters" for c in counts)
+            + " | per extra adapter per token | " + " | ".join(f"ratio to PEFT, {c}" for c in counts) + " |"
+        )
+        lines.append("| --- | " + " | ".join("---" for _ in counts) + " | --- | " + " | ".join("---" for _ in counts) + " |")
+        times = {(r["variant"], r["adapters"]): r["times_ms"] for r in many}
         for v in dict.fromkeys(r["variant"] for r in many):
             per = {r["adapters"]: r["median_ms"] for r in many if r["variant"] == v}
             extra = (per[counts[-1]] - per[counts[0]]) / (counts[-1] - counts[0]) / meta["new_tokens"] * 1e3
-            lines.append(f"| {v} | " + " | ".join(_fmt_ms(per[c]) for c in counts) + f" | {extra:.1f} µs |")
+            ratios = [
+                f"{paired_ratio(times[v, c], times['peft', c]):.3f}x" if ("peft", c) in times else "-" for c in counts
+            ]
+            lines.append(f"| {v} | " + " | ".join(_fmt_ms(per[c]) for c in counts) + f" | {extra:.1f} µs | " + " | ".join(ratios) + " |")
         lines.append("")
     for r in (r for r in records if r["measure"] == "steady_loop"):
         lines.append(

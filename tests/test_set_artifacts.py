@@ -90,6 +90,20 @@ def test_saving_again_replaces_the_files(gpt2, tmp_path):
     assert not [p for p in (tmp_path / "set").iterdir() if p.name.endswith(".tmp")]
 
 
+FIXTURE_V1 = Path(__file__).parent / "fixtures" / "lora-set-format-v1"
+
+
+def test_a_set_saved_by_format_version_1_still_loads(gpt2):
+    """A checked-in set written by format version 1: later versions must keep reading it."""
+    loaded = LoraSet.load(FIXTURE_V1, gpt2)
+    assert list(loaded) == ["model.transformer.h.0.attn.c_attn", "model.transformer.h.1.mlp"]
+    attn, mlp = loaded.values()
+    assert (attn.r, mlp.r) == (2, 1)
+    assert torch.equal(attn.WA, torch.arange(64, dtype=torch.float32).reshape(32, 2) / 64 - 0.5)
+    assert torch.equal(attn.WB, torch.arange(192, dtype=torch.float32).reshape(2, 96) / 192 - 0.5)
+    assert torch.equal(mlp.WB, torch.arange(32, dtype=torch.float32).reshape(1, 32) / 32 - 0.5)
+
+
 # -- bad files: each names what is wrong, and nothing is built ----------------------
 
 

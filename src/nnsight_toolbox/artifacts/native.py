@@ -14,6 +14,9 @@ Any module an adapter can sit on saves, blocks and decoder layers included
 only, never pickle, and checks everything (files, checksum, keys, shapes,
 dtypes, finite values, the target's widths) before it builds the adapter.
 
+A whole `LoraSet` saves to one directory in the sibling format of
+`nnsight_toolbox.artifacts.native_set`, which records the same fields per adapter.
+
 Compatibility: ``format_version`` is 1. Later versions of this package keep
 reading every version up to their own; a file from a newer version is refused
 with a message to upgrade.
