@@ -51,6 +51,22 @@ def test_a_saved_set_loads_onto_a_fresh_model_and_computes_what_hooks_do(model_p
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_set_loads_onto_a_model_whose_weights_are_not_loaded_yet(model_paths, tmp_path):
+    from nnsight import LanguageModel
+    from transformers import AutoTokenizer
+
+    path = model_paths["llama"]
+    model = load(path)
+    adapters = randomized(LORA.on(model, MANY["llama"], r=4))
+    adapters.save(tmp_path / "set")
+    expected = set_logits(model, adapters)
+
+    meta = LanguageModel(path, tokenizer=AutoTokenizer.from_pretrained(path))  # weights load at the first trace
+    loaded = LoraSet.load(tmp_path / "set", meta)
+    assert all(lora.WA.device.type == "cpu" for lora in loaded.values())
+    torch.testing.assert_close(set_logits(meta, loaded), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_mixed_ranks_dtypes_and_targets_round_trip_bit_for_bit(gpt2, tmp_path):
     adapters = mixed_set(gpt2)
     adapters.eval()
