@@ -141,20 +141,30 @@ def main(argv: list[str] | None = None) -> Path:
     # before every timed call (see `timing`) from re-scanning the whole heap.
     gc.collect()
     gc.freeze()
+    records: list[dict] = []
+
+    def checkpoint() -> None:
+        """Write what is measured so far: a run cut short (a device lease ending) keeps it."""
+        write_jsonl(out, [dict(meta, partial=True), *records])
+
     with phase("agreement"):
-        records = agreement(variants, ids[:2], prompt, config.new_tokens)
+        records += agreement(variants, ids[:2], prompt, config.new_tokens)
     with phase("train step, forward, generate"):
         records += main_measures(config, variants, ids, prompt)
+    checkpoint()
     if "tokens" not in args.skip:
         with phase("ms per token"):
             records += token_scaling(config, variants, prompt)
+        checkpoint()
     if "many" not in args.skip and config.many_targets:
         with phase("many adapters"):
             records += many_adapters(config, models, prompt)
+        checkpoint()
     if "loop" not in args.skip:
         with phase("steady loop"):
             looped, note = loop_variant(config, variants)
             records += steady_loop(config, looped, looped.model._module.config.vocab_size, note)
+        checkpoint()
     with phase("peak memory"):
         records += train_peak_memory(config, variants, ids)
     add_ratios(records)
