@@ -11,7 +11,7 @@ import time
 import nnsight
 import pytest
 import torch
-from conftest import hf_generate, hf_logits, randomize, reference_hook
+from conftest import hf_generate, hf_logits, randomize, randomized, reference_hook, reference_hooks
 from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
 
 from nnsight_toolbox import LORA
@@ -87,6 +87,28 @@ def test_generation_with_an_adapted_and_a_base_invoke(remote_model, local_model)
     assert not torch.equal(adapted, base), "the test adapter should change the greedy continuation"
     assert torch.equal(ids[0], adapted[0])
     assert torch.equal(ids[1], base[0])
+
+
+def test_a_set_of_adapters_acts_remotely_as_hooks_do_locally(remote_model, local_model):
+    """`LORA.on(...)` on the served model: one call switches every adapter on, in trace and generation."""
+    adapters = randomized(LORA.on(remote_model, ["q_proj", "v_proj"], r=4), scale=2.0)
+    assert len(adapters) == 4  # two layers
+    with remote_model.trace(PROMPT, remote=True):
+        adapters(alpha=0.5)
+        logits = remote_model.lm_head.output.save()
+    steps = 5
+    with remote_model.generate(PROMPT, max_new_tokens=steps, do_sample=False, remote=True) as tracer:
+        adapters()
+        ids = tracer.result.save()
+
+    with reference_hooks(local_model, adapters, alpha=0.5):
+        reference = hf_logits(local_model, PROMPT)
+    with reference_hooks(local_model, adapters):
+        adapted = hf_generate(local_model, PROMPT, steps)
+    assert not torch.allclose(reference, hf_logits(local_model, PROMPT), atol=1e-3), "the adapters should act"
+    assert not torch.equal(adapted, hf_generate(local_model, PROMPT, steps)), "and change the continuation"
+    assert torch.allclose(logits, reference, atol=1e-5)
+    assert torch.equal(ids, adapted)
 
 
 def test_non_blocking_request(remote_model, local_model):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnsight_toolbox import LORA
+from nnsight_toolbox import LORA, LoraSet
 from nnsight_toolbox.remote import save_weights
 
 from .conftest import TARGET
@@ -82,3 +82,21 @@ def test_remote_session_training_matches_local(remote_model, local_model):
         assert torch.allclose(lora.state_dict()[name], value, atol=1e-6), name
     assert not torch.equal(lora.WB, initial["WB"])  # it did train
 
+
+def test_a_set_trains_in_a_remote_session_as_locally(remote_model, local_model):
+    """The same loop with a `LoraSet`: one optimizer over every adapter, one call per trace."""
+    adapters = LORA.on(remote_model, ["q_proj", "v_proj"], r=4)
+    initial = copy.deepcopy(adapters.state_dict())
+    local = LORA.on(local_model, ["q_proj", "v_proj"], r=4)
+    local.load_state_dict(initial)
+
+    losses, weights = train_remotely(remote_model, adapters, target_ids(remote_model))
+    adapters.load_state_dict(weights)
+    local_losses = train_locally(local_model, local, target_ids(local_model))
+
+    assert isinstance(adapters, LoraSet) and len(adapters) == 4
+    assert losses == pytest.approx(local_losses, rel=1e-5)
+    assert losses[-1] < losses[0]
+    for name, value in local.state_dict().items():
+        assert torch.allclose(adapters.state_dict()[name], value, atol=1e-6), name
+        assert not name.endswith("WB") or not torch.equal(value, initial[name]), f"{name} did not train"
