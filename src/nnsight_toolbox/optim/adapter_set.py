@@ -247,7 +247,7 @@ class LoraSet(Optimization, Mapping):
 
     @property
     def merged(self) -> bool:
-        """Whether the adapters are merged into their layers' weights (`merge`).
+        """Whether any adapter of the set is merged into its layer's weight (`merge`).
 
         Examples:
             >>> adapters = LORA.on(model, ["c_attn"], r=4)
