@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nnsight_toolbox import LORA, export_peft, import_peft
+from nnsight_toolbox import LORA, LoraSet, export_peft, import_peft
 
 PROMPTS = ["The Eiffel Tower is in", "Hello"]
 #: Per family: non-square targets, a second kind of layer with its own rank and alpha
@@ -92,6 +92,26 @@ def test_a_peft_trained_adapter_reproduces_peft(model_paths, tmp_path, family_na
     base = traced_logits(model, [])
     assert not torch.allclose(expected, base, atol=1e-3), "training should have changed the model"
     torch.testing.assert_close(traced_logits(model, loras.values()), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(traced_logits(model, [loras]), expected, rtol=1e-5, atol=1e-5)  # one call for all
+
+
+def test_an_import_is_a_set_that_saves_merges_and_trains(model_paths, tmp_path):
+    """`import_peft` returns a `LoraSet`: the whole adapter saves, merges and trains as one."""
+    path = model_paths["llama"]
+    directory = train_with_peft(path, tmp_path / "trained", "llama")
+    model = load(path)
+    loras = import_peft(model, directory)
+    assert isinstance(loras, LoraSet) and not loras.training
+    expected = peft_logits(path, directory, model.tokenizer)
+
+    loras.save(tmp_path / "native")
+    again = LoraSet.load(tmp_path / "native", model)
+    torch.testing.assert_close(traced_logits(model, [again]), expected, rtol=1e-5, atol=1e-5)
+
+    loras.merge()  # the embedding's adapter too: this Llama's embedding is not tied to its head
+    torch.testing.assert_close(traced_logits(model, []), expected, rtol=1e-4, atol=1e-4)
+    loras.unmerge()
+    assert len(loras.parameters()) == 2 * len(loras)
 
 
 def test_export_then_import_is_bitwise(gpt2, tmp_path):

@@ -56,6 +56,7 @@ from .layers import describe_module, hf_name, layer_kind
 if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
 
+    from ..optim.adapter_set import LoraSet
     from ..optim.lora import LORA
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "export_peft", "import_peft"]
@@ -294,7 +295,7 @@ class _Target:
     B: torch.Tensor  # (out, r), or (dim, r)
 
 
-def import_peft(model: "Envoy", directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> dict[str, "LORA"]:
+def import_peft(model: "Envoy", directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> "LoraSet":
     """Adapters that reproduce a PEFT LoRA adapter inside nnsight traces.
 
     Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (never a
@@ -315,8 +316,9 @@ def import_peft(model: "Envoy", directory: str | os.PathLike, *, dtype: torch.dt
         dtype: The adapters' dtype; float32 as PEFT computes by default.
 
     Returns:
-        ``{module path: LORA}`` in the order the modules appear in the model,
-        keyed by nnsight path (``"model.transformer.h.0.mlp.c_fc"``, equal to ``lora.path``).
+        A `LoraSet`: a mapping ``{module path: LORA}`` in the order the modules
+        appear in the model, keyed by nnsight path (``"model.transformer.h.0.mlp.c_fc"``,
+        equal to ``lora.path``), that switches every adapter on with one call.
 
     Raises:
         FileNotFoundError: The directory or one of its two files is missing.
@@ -331,10 +333,10 @@ def import_peft(model: "Envoy", directory: str | os.PathLike, *, dtype: torch.dt
         >>> list(loras)
         ['model.transformer.h.0.mlp.c_fc']
         >>> with model.trace("Hello"):
-        ...     for lora in loras.values():
-        ...         lora()
+        ...     loras()                       # every adapter; or loras[path]() for one
         ...     logits = model.lm_head.output.save()
     """
+    from ..optim.adapter_set import LoraSet
     from ..optim.lora import LORA, _check_dtype, _check_envoy
 
     _check_envoy(model)
@@ -345,15 +347,17 @@ def import_peft(model: "Envoy", directory: str | os.PathLike, *, dtype: torch.dt
         )
     _check_dtype(dtype)
     settings, targets = _read_peft_adapter(model, Path(directory))
-    loras: dict[str, LORA] = {}
+    loras: list[LORA] = []
     for target in targets:
         lora = LORA(target.envoy, target.r, dropout=settings.dropout, dtype=dtype)
         with torch.no_grad():
             lora.WA.copy_(target.A.T.to(dtype))  # (r, in) -> (in, r)
             lora.WB.copy_((target.B.T.to(torch.float64) * target.scale).to(dtype))  # (out, r) -> (r, out), scaled
         lora.eval()
-        loras[lora.path] = lora
-    return loras
+        loras.append(lora)
+    adapters = LoraSet(loras)
+    adapters.eval()
+    return adapters
 
 
 def _read_peft_adapter(model: "Envoy", directory: Path) -> tuple["_Settings", list[_Target]]:
