@@ -7,7 +7,8 @@
 #
 # Runs, in this order, each under what is left of BUDGET seconds (default 540):
 #   1. gpu-1b, run A: every measure but the 500-step loop
-#   2. gpu-8b, run A: train step, forward, generate, peak memory
+#   2. gpu-8b, run A: train step, forward, generate, peak memory (without the
+#      slow plain-nnsight column, which run 1 already reports for the 1B model)
 #   3. gpu-1b, run B and 4. gpu-8b, run B: the same three measures again, for
 #      the bar's "holds in both runs"
 #   5. gpu-1b: the 500-step loop, if time is left
@@ -51,7 +52,7 @@ bench() {  # bench NAME CONFIG ARGS...: one run under the time that is left
 
 QUICK=(--repeats 5 --skip tokens many loop)
 bench "$SMALL-a" "$SMALL" --repeats 5 --skip loop
-bench "$LARGE-a" "$LARGE" "${QUICK[@]}"
+bench "$LARGE-a" "$LARGE" "${QUICK[@]}" --variants toolbox toolbox-merged peft hooks nnsight-base base
 bench "$SMALL-b" "$SMALL" "${QUICK[@]}" --variants toolbox toolbox-merged peft hooks base
 bench "$LARGE-b" "$LARGE" "${QUICK[@]}" --variants toolbox toolbox-merged peft hooks base
 bench "$SMALL-loop" "$SMALL" --repeats 3 --skip tokens many --variants toolbox peft
