@@ -211,6 +211,12 @@ def test_a_model_of_other_widths_is_refused_naming_both_shapes(model_paths, tmp_
         LoraSet.load(directory, wider)
 
 
+def test_a_submodule_is_refused_with_a_hint_to_pass_the_model(gpt2, tmp_path):
+    directory = saved(gpt2, tmp_path)
+    with pytest.raises(ValueError, match=r"needs the whole model.*`model\.transformer`\. Pass `model` itself"):
+        LoraSet.load(directory, gpt2.transformer)
+
+
 def test_each_format_points_at_the_other_loader(gpt2, tmp_path):
     one = LORA(gpt2.transformer.h[0].mlp, r=2)
     one.save(tmp_path / "one")

@@ -99,6 +99,11 @@ def load_lora_set(directory: str | os.PathLike, model: "Envoy", cls: type["LoraS
 
     cls = LoraSet if cls is None else cls
     _check_envoy(model)
+    if model.root is not model:
+        raise ValueError(
+            f"`LoraSet.load` needs the whole model, since a saved set names its modules from "
+            f"the model's root; got the module `{model.path}`. Pass `model` itself."
+        )
     directory = Path(directory)
     saved = read_saved_set(directory)
     modules = _resolve_modules(saved, model, directory)

@@ -231,7 +231,7 @@ class LoraSet(Optimization, Mapping):
         """A new set on ``model`` with the adapters saved in ``directory`` by `save`.
 
         Each adapter goes on the module at its saved path, which must exist in
-        ``model`` with the saved widths. Reads JSON and safetensors only (never
+        ``model`` (the model itself, not a submodule) with the saved widths. Reads JSON and safetensors only (never
         pickle) and checks every adapter before building any: a damaged file or
         a model without one of the modules raises, naming it, and builds nothing.
 
