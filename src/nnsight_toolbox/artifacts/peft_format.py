@@ -353,11 +353,8 @@ def import_peft(model: "Envoy", directory: str | os.PathLike, *, dtype: torch.dt
         with torch.no_grad():
             lora.WA.copy_(target.A.T.to(dtype))  # (r, in) -> (in, r)
             lora.WB.copy_((target.B.T.to(torch.float64) * target.scale).to(dtype))  # (out, r) -> (r, out), scaled
-        lora.eval()
         loras.append(lora)
-    adapters = LoraSet(loras)
-    adapters.eval()
-    return adapters
+    return LoraSet(loras).eval()  # as PEFT loads an adapter: dropout off, in every adapter of the set
 
 
 def _read_peft_adapter(model: "Envoy", directory: Path) -> tuple["_Settings", list[_Target]]:

@@ -122,7 +122,7 @@ class AdapterController(Controller):
         if skipped is not NO_SKIP:  # a skipped module has no body for a delta to ride on
             return handle(locations[2], _as_fragment(interleaver, locations[2], skipped))
         output = run_body(state, module, args, kwargs)
-        output = add_deltas(output, first_input(args, kwargs), live, interleaver, self.path)
+        output = add_deltas(output, first_input(args, kwargs), live, interleaver, self)
         return handle(locations[2], output)
 
     @property
@@ -174,23 +174,26 @@ def add_deltas(
     x: Any,
     live: list[Activation],
     interleaver: "Interleaver",
-    path: str,
+    controller: AdapterController,
 ) -> Any:
     """``output`` with each live adapter's ``alpha * delta(x)`` added on its rows.
 
     The sum is formed in the adapter's dtype and cast back to the output's, as
     PEFT does (an fp32 adapter on a bf16 model adds in fp32, then rounds once);
     see `LORA.add_delta`. This runs on every forward pass of every adapted
-    module, so the usual case (one adapter, the whole batch) takes no copy.
+    module, so the usual case (one adapter, the whole batch) takes no copy, and
+    the module's path is looked up only for an error message.
     """
     target = output if type(output) is torch.Tensor else first_tensor(output)
     if target is None:
+        path = controller.path
         raise TypeError(
             f"`{path}` returned a {type(output).__name__} that holds no tensor, so "
             f"the adapter has nothing to add to. Put it on a module whose output is "
             f"a tensor (or a tuple whose first element is one)."
         )
     if not isinstance(x, torch.Tensor):
+        path = controller.path
         raise TypeError(
             f"`{path}` was called with a {type(x).__name__} as its first input, not "
             f"a tensor, so the adapter has nothing to multiply."
@@ -208,6 +211,7 @@ def add_deltas(
         start, size = rows
         total = batcher.total
         if target.shape[0] != total or x.shape[0] != total:
+            path = controller.path
             raise ValueError(
                 f"Cannot scope the adapter on `{path}` to its invoke's rows: the batch "
                 f"has {total} rows but the module's input has leading dimension "

@@ -332,18 +332,16 @@ class LORA(Optimization):
             True
         """
         WB = self.WB
-        hidden = self._down(x)  # (..., r)
         if output.dtype == WB.dtype and output.numel() >= FUSE_MIN_ELEMENTS:
+            hidden = self._down(x)  # (..., r)
             if output.shape[:-1] != hidden.shape[:-1] or output.shape[-1] != WB.shape[1]:
-                raise self._mismatch(output, hidden)
+                raise self._mismatch(output, hidden.shape[:-1])
             # (N, out) + alpha * (N, r) @ (r, out): BLAS adds the product to `output` in the same pass
             flat = torch.addmm(output.reshape(-1, WB.shape[1]), hidden.reshape(-1, self.r), WB, alpha=alpha)
             return flat.view_as(output)
-        if alpha != 1.0:
-            hidden = hidden * alpha
-        delta = hidden @ WB  # (..., r) @ (r, out) -> (..., out), in the adapter's dtype
+        delta = self.delta(x, alpha)  # in the adapter's dtype
         if delta.shape != output.shape:
-            raise self._mismatch(output, hidden)
+            raise self._mismatch(output, delta.shape[:-1])
         if output.dtype == delta.dtype:
             return output + delta
         if torch.is_grad_enabled() and (delta.requires_grad or output.requires_grad):
@@ -351,9 +349,9 @@ class LORA(Optimization):
         # Nothing to differentiate: the add computes in the wider dtype and writes the output's.
         return torch.add(output, delta, out=torch.empty_like(output))
 
-    def _mismatch(self, output: torch.Tensor, hidden: torch.Tensor) -> ValueError:
+    def _mismatch(self, output: torch.Tensor, leading: torch.Size) -> ValueError:
         return ValueError(
-            f"The adapter's output would have shape {(*hidden.shape[:-1], self.WB.shape[1])} (WB "
+            f"The adapter's output would have shape {(*leading, self.WB.shape[1])} (WB "
             f"has shape {tuple(self.WB.shape)}), which does not match the output of "
             f"`{self.path}`, whose shape is {tuple(output.shape)}. Was the adapter "
             f"built for another module? Build a new one on this module."
