@@ -1,0 +1,132 @@
+"""The benchmark suite runs end to end and times the right thing: a smoke test, never a timed one.
+
+`benchmarks/run.py --config tiny` runs in a subprocess, as a user runs it, and
+its records are read back: every variant agreed with the plain-hook reference
+before any timing, every measure holds each variant's repeats, and `pool.py`
+pools them into the paired ratios computed here by hand. No time is compared
+with a target: speed lives in `benchmarks/reports`, measured side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+REPEATS = 2
+VARIANTS = {"toolbox", "toolbox-merged", "peft", "hooks", "nnsight", "nnsight-base", "base"}
+TRAINERS = {"toolbox", "peft", "hooks", "nnsight"}
+
+pytest.importorskip("peft")
+pytest.importorskip("tqdm")
+
+
+def run(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        args, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}, cwd=cwd
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "tiny.jsonl"
+    done = run(sys.executable, str(BENCHMARKS / "run.py"), "--config", "tiny", "--repeats", str(REPEATS), "--loop-steps", "8", "--out", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def by_measure(path: Path, measure: str) -> dict[str, dict]:
+    return {r["variant"]: r for r in records(path) if r["measure"] == measure}
+
+
+def test_every_variant_computes_what_the_hooks_compute(tiny_run):
+    agreement = by_measure(tiny_run, "agreement")
+    assert set(agreement) == VARIANTS
+    for variant, record in agreement.items():
+        # the adapters change the logits, so agreeing is not agreeing on the base model
+        assert record["adapter_effect"] > 1e-3
+        assert record["max_abs_logit_diff"] < 1e-4, variant
+        if variant not in ("base", "nnsight-base"):
+            assert record["same_tokens"] is True, variant
+
+
+def test_each_measure_times_every_variant_in_paired_rounds(tiny_run):
+    meta = records(tiny_run)[0]
+    assert meta["measure"] == "meta" and "partial" not in meta
+    assert {"torch", "nnsight", "peft", "transformers"} <= set(meta["versions"])
+    assert meta["device_name"].startswith("CPU") and meta["dtype"] == "float32"
+    for measure, expected in (("train_step", TRAINERS), ("forward", VARIANTS), ("generate", VARIANTS)):
+        timed = by_measure(tiny_run, measure)
+        assert set(timed) == expected, measure
+        for variant, record in timed.items():
+            assert len(record["times_ms"]) == REPEATS and all(t > 0 for t in record["times_ms"])
+            assert record["median_ms"] == pytest.approx(statistics.median(record["times_ms"]), abs=1e-3)  # times_ms: rounded to µs
+        assert timed["peft"]["ratio_to_peft"] == 1.0
+
+    many = [r for r in records(tiny_run) if r["measure"] == "generate_many"]
+    assert {(r["variant"], r["adapters"]) for r in many} == {(v, n) for v in ("toolbox", "peft", "hooks") for n in (2, 8)}
+    loop = by_measure(tiny_run, "steady_loop")["toolbox"]
+    assert loop["steps"] == 8 and loop["memory_end_bytes"] > 0
+    assert set(by_measure(tiny_run, "train_peak_memory")) == TRAINERS
+    checks = [r for r in records(tiny_run) if r["measure"] == "bar"]
+    assert any(c["check"].startswith("train_step: toolbox") for c in checks)
+    assert all(isinstance(c["holds"], bool) for c in checks)
+    assert "| bar | measured |" in tiny_run.with_suffix(".md").read_text()
+
+
+def test_pool_pairs_each_round_with_peft(tiny_run, tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import pool
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    second = tmp_path / "again.jsonl"
+    shutil.copy(tiny_run, second)
+    pooled = pool.pooled_ratios([tiny_run, second])
+    generate = by_measure(tiny_run, "generate")
+    by_hand = [t / p for t, p in zip(generate["toolbox"]["times_ms"], generate["peft"]["times_ms"])] * 2
+    assert pooled[("generate", "toolbox")] == pytest.approx(by_hand)
+    assert ("generate", "peft") not in pooled  # the reference is not a row of its own
+    low, high = pool.bootstrap_interval(by_hand)
+    assert low <= statistics.median(by_hand) <= high
+
+
+def test_pool_prints_the_table_and_draws_the_plot(tiny_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    image = tmp_path / "ratios.png"
+    done = run(sys.executable, str(BENCHMARKS / "pool.py"), str(tiny_run), "--plot", str(image))
+    assert done.returncode == 0, done.stderr
+    assert "| generate | toolbox | 2 |" in done.stdout
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 10_000
+
+    missing = run(sys.executable, str(BENCHMARKS / "pool.py"), str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 2 and "no such run file" in missing.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils")
+def test_gpu_script_runs_every_step_and_returns_its_files(tmp_path):
+    """`benchmarks/gpu/run.sh` on the tiny config: what one device call would bring back."""
+    out = tmp_path / "out"
+    done = run(
+        "bash", "benchmarks/gpu/run.sh",
+        env=dict(NO_INSTALL="1", PYTHON=sys.executable, CONFIGS="tiny tiny", OUT=str(out)),
+        cwd=BENCHMARKS.parent,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("exit 0 after") == 5, done.stdout
+    # "tiny tiny" names the 1B and 8B runs alike, so runs A and B each leave one file
+    assert {p.name for p in out.iterdir()} == {"runs.log", "summary.md", "tiny-a.jsonl", "tiny-b.jsonl", "tiny-loop.jsonl"}
+    sections = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("## tiny-")]
+    assert sections == ["## tiny-a", "## tiny-a", "## tiny-b", "## tiny-b", "## tiny-loop"]
+    assert len(list(out.iterdir())) <= 8  # what the device tool brings back
