@@ -48,3 +48,48 @@ def test_an_output_of_another_shape_is_refused(lora):
         lora.add_delta(torch.randn(2, 5, 96), torch.randn(2, 5, 32))
     with pytest.raises(ValueError, match="does not match the output"):
         lora.add_delta(torch.randn(2, 4, 128), torch.randn(2, 5, 32))
+
+
+# Every branch of the delta against the arithmetic written out in plain torch.
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 7)], ids=["one token", "batch"])
+def test_each_branch_equals_plain_torch(lora, shape):
+    x, out = torch.randn(*shape, 32), torch.randn(*shape, 128)
+    WA, WB = lora.WA.detach(), lora.WB.detach()
+    with torch.no_grad():
+        torch.testing.assert_close(lora.add_delta(out, x, 0.3), out + 0.3 * (x @ WA @ WB), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lora.delta(x.double()), (x.double().float() @ WA) @ WB, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_acts_in_training_mode_only(gpt2):
+    lora = LORA(gpt2.transformer.h[0].mlp.c_fc, r=4, dropout=0.5)
+    torch.nn.init.normal_(lora.WB)
+    x, out = torch.randn(2, 5, 32), torch.randn(2, 5, 128)
+    WA, WB = lora.WA.detach(), lora.WB.detach()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        trained = lora.train().add_delta(out, x)
+        torch.manual_seed(0)
+        expected = out + torch.nn.functional.dropout(x, 0.5, training=True) @ WA @ WB
+        torch.testing.assert_close(trained, expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(trained, out + x @ WA @ WB)
+        torch.testing.assert_close(lora.eval().add_delta(out, x), out + x @ WA @ WB, rtol=1e-5, atol=1e-5)
+
+
+def test_an_embedding_adapter_looks_up_rows_by_token_id(gpt2):
+    lora = LORA(gpt2.transformer.wte, r=4)
+    torch.nn.init.normal_(lora.WB)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    out = torch.randn(1, 5, lora.output_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(lora.add_delta(out, ids), out + lora.WA[ids] @ lora.WB)
+    with pytest.raises(TypeError, match="looks up token ids"):
+        lora.add_delta(out, torch.randn(1, 5))
+
+
+def test_an_input_of_another_width_is_refused(lora):
+    with pytest.raises(ValueError, match="must equal the input's last"):
+        lora.add_delta(torch.randn(2, 5, 128), torch.randn(2, 5, 31))
+    with pytest.raises(ValueError, match="must equal the input's last"):
+        lora.add_delta(torch.randn(1, 1, 128), torch.randn(1, 1, 33))

@@ -306,10 +306,8 @@ class LORA(Optimization):
             >>> lora.delta(x).shape[-1] == lora.output_dim
             True
         """
-        hidden = self._down(x)
-        if alpha != 1.0:
-            hidden = hidden * alpha  # scale the r-wide term: cheaper than the output
-        return hidden @ self.WB  # (B, T, r) @ (r, out) -> (B, T, out)
+        WA, WB = self._factors()
+        return self._up(self._down(x, WA), WB, alpha)
 
     def add_delta(self, output: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         """``output + alpha * delta(x)``, summed in the adapter's dtype and rounded once to ``output``'s.
@@ -331,15 +329,15 @@ class LORA(Optimization):
             >>> torch.allclose(lora.add_delta(out, x, 0.5), out + lora.delta(x, 0.5))
             True
         """
-        WB = self.WB
+        WA, WB = self._factors()
+        hidden = self._down(x, WA)  # (..., r)
         if output.dtype == WB.dtype and output.numel() >= FUSE_MIN_ELEMENTS:
-            hidden = self._down(x)  # (..., r)
             if output.shape[:-1] != hidden.shape[:-1] or output.shape[-1] != WB.shape[1]:
                 raise self._mismatch(output, hidden.shape[:-1])
             # (N, out) + alpha * (N, r) @ (r, out): BLAS adds the product to `output` in the same pass
             flat = torch.addmm(output.reshape(-1, WB.shape[1]), hidden.reshape(-1, self.r), WB, alpha=alpha)
             return flat.view_as(output)
-        delta = self.delta(x, alpha)  # in the adapter's dtype
+        delta = self._up(hidden, WB, alpha)  # in the adapter's dtype
         if delta.shape != output.shape:
             raise self._mismatch(output, delta.shape[:-1])
         if output.dtype == delta.dtype:
@@ -357,9 +355,20 @@ class LORA(Optimization):
             f"built for another module? Build a new one on this module."
         )
 
-    def _down(self, x: torch.Tensor) -> torch.Tensor:
+    def _factors(self) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+        """``(WA, WB)``, read from the parameter table directly.
+
+        ``self.WA`` goes through ``nn.Module.__getattr__``, about 2 µs a lookup,
+        and the delta runs on every forward of every adapted module: in batch-1
+        generation that is most of what the arithmetic itself costs.
+        """
+        parameters = self._parameters
+        return parameters["WA"], parameters["WB"]
+
+    def _down(self, x: torch.Tensor, WA: torch.Tensor) -> torch.Tensor:
         """The r-wide half, ``dropout(x) @ WA`` (or ``WA[x]`` for token ids), in the adapter's dtype."""
-        WA = self.WA
+        if x.dtype == WA.dtype and x.shape[-1] == WA.shape[0] and not self.takes_ids and not (self.dropout and self.training):
+            return x @ WA  # the usual case, with nothing to check or convert
         if self.takes_ids:
             if x.is_floating_point():
                 raise TypeError(
@@ -379,6 +388,11 @@ class LORA(Optimization):
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, training=True)
         return x @ WA  # (B, T, in) @ (in, r) -> (B, T, r)
+
+    @staticmethod
+    def _up(hidden: torch.Tensor, WB: torch.Tensor, alpha: float) -> torch.Tensor:
+        """``alpha * hidden @ WB``: scaling the r-wide term is cheaper than scaling the output."""
+        return (hidden if alpha == 1.0 else hidden * alpha) @ WB  # (B, T, r) @ (r, out) -> (B, T, out)
 
     # -- artifacts: thin entry points; the work lives in `nnsight_toolbox.artifacts` --
 
