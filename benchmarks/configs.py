@@ -2,7 +2,9 @@
 
 ``cpu`` and the two ``gpu-*`` configurations are the ones the performance bar
 is stated for (see README.md in this folder); ``tiny`` is a smoke check that
-runs in seconds and proves only that every variant runs.
+runs in seconds and proves only that every variant runs; ``cpu-dispatch`` is
+``gpu-1b``'s layers and adapters at 64 wide, a CPU preview of generation where
+the cost of each module call, not its arithmetic, sets the pace.
 """
 
 from __future__ import annotations
@@ -181,6 +183,29 @@ CONFIGS: dict[str, BenchConfig] = {
         loop_batch=(8, 512),
     ),
 }
+# Llama-1B's modules and adapters at 64 wide, on the CPU: batch-1 generation here
+# is bound by the Python and dispatch cost of each module call, as batch-1
+# generation of the 1B model on a GPU is bound by the CPU launching kernels. A
+# preview of the GPU generate bar that runs anywhere, not the bar itself.
+CONFIGS["cpu-dispatch"] = dataclasses.replace(
+    CONFIGS["gpu-1b"],
+    name="cpu-dispatch",
+    # A small vocabulary too: the 1B model's lm_head is one kernel on a GPU, but
+    # at 128256 x 64 it would be most of the arithmetic here.
+    model=dict(LLAMA_1B, hidden_size=64, intermediate_size=256, num_attention_heads=4, num_key_value_heads=1, vocab_size=4096),
+    dtype=torch.float32,
+    device="cpu",
+    train_batch=(2, 64),
+    repeats=9,
+    forward_repeats=5,
+    warmup=1,
+    token_repeats=5,
+    many_repeats=5,
+    loop_batch=(1, 16),
+    variants=("toolbox", "toolbox-merged", "peft", "hooks", "nnsight", "nnsight-base", "base"),
+    token_variants=("toolbox", "peft"),
+    clock="cpu",
+)
 # The 1B configuration with the 8B shape: the issue's batch of 4 x 512 for training,
 # and 16 of its 32 layers give the 64 adapters of the many-adapters measure.
 CONFIGS["gpu-8b"] = dataclasses.replace(

@@ -46,6 +46,14 @@ def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def import_benchmark(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
 def by_measure(path: Path, measure: str) -> dict[str, dict]:
     return {r["variant"]: r for r in records(path) if r["measure"] == measure}
 
@@ -86,11 +94,7 @@ def test_each_measure_times_every_variant_in_paired_rounds(tiny_run):
 
 
 def test_pool_pairs_each_round_with_peft(tiny_run, tmp_path):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import pool
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    pool = import_benchmark("pool")
     second = tmp_path / "again.jsonl"
     shutil.copy(tiny_run, second)
     pooled = pool.pooled_ratios([tiny_run, second])
@@ -130,3 +134,33 @@ def test_gpu_script_runs_every_step_and_returns_its_files(tmp_path):
     sections = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("## tiny-")]
     assert sections == ["## tiny-a", "## tiny-a", "## tiny-b", "## tiny-b", "## tiny-loop"]
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back
+
+
+def test_count_reads_one_total_per_dump_and_costs_each_adapter_call(tmp_path):
+    count = import_benchmark("count")
+    prefix = tmp_path / "toolbox.callgrind"
+    for i, (measure, total) in enumerate([("forward", 700), ("generate", 5_000), ("generate_x2", 10_010)], start=1):
+        (tmp_path / f"toolbox.callgrind.{i}").write_text(f"version: 1\ndesc: Trigger: dump {measure}\nsummary: {total}\ntotals: {total}\n")
+    (tmp_path / "toolbox.callgrind").write_text("desc: Trigger: Program termination\ntotals: 0\n")  # the final, empty one
+    assert count.read_dumps(prefix) == {"forward": 700, "generate": 5_000, "generate_x2": 10_010}
+
+    counts = {"toolbox": {"generate": 5_000, "generate_x2": 10_010}, "peft": {"generate": 4_000}, "nnsight-base": {"generate": 3_400}}
+    records = count.records_of(counts, new_tokens=4, adapters=2)
+    toolbox = next(r for r in records if r["variant"] == "toolbox" and r["measure"] == "instructions")
+    assert toolbox["ratio_to_peft"] == 1.25
+    assert toolbox["per_adapter_call"] == (5_000 - 3_400) / (4 * 2)  # 4 passes, 2 adapters each
+    assert next(r for r in records if r["measure"] == "linearity")["x2_over_x1"] == 2.002
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None or shutil.which("callgrind_control") is None, reason="needs valgrind")
+def test_count_runs_under_callgrind_and_counts_the_whole_call(tmp_path):
+    out = tmp_path / "count.jsonl"
+    done = run(sys.executable, str(BENCHMARKS / "count.py"), "--config", "tiny", "--variants", "toolbox", "peft", "--new-tokens", "4", "--out", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    counted = records(out)
+    ops = {(r["variant"], r["op"]) for r in counted if r["measure"] == "instructions"}
+    assert ops == {(v, op) for v in ("toolbox", "peft") for op in ("train_step", "forward", "generate")}
+    assert all(r["instructions"] > 1_000_000 for r in counted if r["measure"] == "instructions")
+    for check in (r for r in counted if r["measure"] == "linearity"):
+        assert check["x2_over_x1"] == pytest.approx(2.0, abs=0.02), check  # greenlet switches did not stop the count
+    assert "| generate |" in out.with_suffix(".md").read_text()
