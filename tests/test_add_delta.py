@@ -93,3 +93,19 @@ def test_an_input_of_another_width_is_refused(lora):
         lora.add_delta(torch.randn(2, 5, 128), torch.randn(2, 5, 31))
     with pytest.raises(ValueError, match="must equal the input's last"):
         lora.add_delta(torch.randn(1, 1, 128), torch.randn(1, 1, 33))
+
+
+def test_a_parametrized_factor_is_used_as_parametrized(lora):
+    """`torch.nn.utils.parametrize` moves WA out of the parameter table; the delta still reads its value."""
+    from torch.nn.utils import parametrize
+
+    class Halved(torch.nn.Module):
+        def forward(self, weight):
+            return weight / 2
+
+    x, out = torch.randn(2, 5, 32), torch.randn(2, 5, 128)
+    WA, WB = lora.WA.detach().clone(), lora.WB.detach()
+    parametrize.register_parametrization(lora, "WA", Halved())
+    with torch.no_grad():
+        torch.testing.assert_close(lora.add_delta(out, x), out + x @ (WA / 2) @ WB, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lora.add_delta(out[:1, :1], x[:1, :1]), out[:1, :1] + x[:1, :1] @ (WA / 2) @ WB, rtol=1e-5, atol=1e-5)

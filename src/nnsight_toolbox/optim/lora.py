@@ -356,14 +356,17 @@ class LORA(Optimization):
         )
 
     def _factors(self) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
-        """``(WA, WB)``, read from the parameter table directly.
+        """``(WA, WB)``, read from the parameter table directly where they live there.
 
         ``self.WA`` goes through ``nn.Module.__getattr__``, about 2 µs a lookup,
         and the delta runs on every forward of every adapted module: in batch-1
         generation that is most of what the arithmetic itself costs.
         """
         parameters = self._parameters
-        return parameters["WA"], parameters["WB"]
+        WA, WB = parameters.get("WA"), parameters.get("WB")
+        if WA is None or WB is None:  # a parametrization (torch.nn.utils.parametrize) computes it
+            return self.WA, self.WB
+        return WA, WB
 
     def _down(self, x: torch.Tensor, WA: torch.Tensor) -> torch.Tensor:
         """The r-wide half, ``dropout(x) @ WA`` (or ``WA[x]`` for token ids), in the adapter's dtype."""
