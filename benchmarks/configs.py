@@ -120,6 +120,18 @@ LLAMA_8B = dict(  # Llama-3-8B's shape
 GPT2_BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
+#: How the CPU configurations time: a shared CPU needs the repeats, on process CPU time.
+CPU_TIMING = dict(
+    repeats=9,  # the CPU bar's two measures
+    forward_repeats=5,
+    warmup=1,
+    token_repeats=5,  # 3 left the flatness check at the mercy of one slow call
+    many_repeats=5,
+    loop_batch=(1, 16),
+    token_variants=("toolbox", "peft"),
+    clock="cpu",
+)
+
 CONFIGS: dict[str, BenchConfig] = {
     "tiny": BenchConfig(
         name="tiny",
@@ -152,18 +164,12 @@ CONFIGS: dict[str, BenchConfig] = {
         train_batch=(8, 64),
         prompt_tokens=16,
         new_tokens=32,
-        repeats=9,  # the CPU bar's two measures; a shared CPU needs the repeats
-        forward_repeats=5,
-        token_repeats=5,  # 3 left the flatness check at the mercy of one slow call
         # GPT-2 small has 48 linear layers in its blocks; 16 layers of its widths have 64.
         many_targets=GPT2_BLOCK_LINEARS,
         many_model=dict(GPT2_SMALL, n_layer=16),
-        many_repeats=5,
-        loop_batch=(1, 16),
         loop_model=dict(GPT2_SMALL, n_embd=64, n_head=4),
         variants=("toolbox", "toolbox-merged", "peft", "hooks", "nnsight-base", "base"),
-        token_variants=("toolbox", "peft"),
-        clock="cpu",
+        **CPU_TIMING,
     ),
     "gpu-1b": BenchConfig(
         name="gpu-1b",
@@ -196,15 +202,8 @@ CONFIGS["cpu-dispatch"] = dataclasses.replace(
     dtype=torch.float32,
     device="cpu",
     train_batch=(2, 64),
-    repeats=9,
-    forward_repeats=5,
-    warmup=1,
-    token_repeats=5,
-    many_repeats=5,
-    loop_batch=(1, 16),
-    variants=("toolbox", "toolbox-merged", "peft", "hooks", "nnsight", "nnsight-base", "base"),
-    token_variants=("toolbox", "peft"),
-    clock="cpu",
+    variants=BenchConfig.variants,  # every variant: the plain nnsight form is cheap at this width
+    **CPU_TIMING,
 )
 # The 1B configuration with the 8B shape: the batch of 4 x 512 for training,
 # and 16 of its 32 layers give the 64 adapters of the many-adapters measure.

@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     if missing:
         raise SystemExit(f"{' and '.join(missing)} not found: counting needs valgrind (`apt-get install valgrind`).")
     from configs import build_config
+    from report import write_jsonl
     from tqdm.auto import tqdm
 
     config = build_config(args.config)
@@ -233,8 +234,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     counts = {v: counts[v] for v in args.variants}
     meta = dict(measure="meta", kind="instructions", config=config.name, model_config=config.model, targets=list(config.targets), adapters=adapters, r=config.r, new_tokens=args.new_tokens, train_batch=list(config.train_batch), date=stamp)
     records = [meta, *records_of(counts, args.new_tokens, adapters)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(out, records)
     table = markdown(meta, records)
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
