@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..optim.paths import envoy_at
 from .files import read_json, require_directory, require_file, sha256_hex, tensor_bytes, write_atomically
 from .native import (
     SavedLora,
@@ -156,7 +157,7 @@ def _resolve_modules(saved: list[SavedLora], model: "Envoy", directory: Path) ->
             f"have, e.g. `{missing[0]}`. Its modules are named like {shown}, ... Load the set onto "
             f"the model it was trained on (or one of the same architecture), passing the model itself."
         )
-    return [model.get(one.module_path) for one in saved]
+    return [envoy_at(model, one.module_path) for one in saved]
 
 
 def _relative(path: str, root_path: str) -> str:

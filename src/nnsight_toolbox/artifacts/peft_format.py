@@ -41,6 +41,7 @@ import torch
 
 from ..optim.activation import check_alpha
 from ..optim.dims import weight_dims
+from ..optim.paths import envoy_at
 from .files import (
     check_finite,
     is_number,
@@ -412,7 +413,7 @@ def _read_peft_adapter(model: "Envoy", directory: Path) -> tuple["_Settings", li
                 f"`{weights_path}` holds a base weight for `{name}` (`{name}.base_layer.weight`) "
                 f"but no LoRA tensors for it; only a module that is adapted may carry one."
             )
-        targets.append(_check_target(model.get(name), name, groups[name], kinds[name], settings, weights_path))
+        targets.append(_check_target(envoy_at(model, name), name, groups[name], kinds[name], settings, weights_path))
     return settings, targets
 
 

@@ -35,6 +35,7 @@ import torch
 from .activation import Steps, activate_many, check_alpha, normalize_steps
 from .dims import infer_many_dims
 from .lora import LORA
+from .paths import envoy_at
 from .optimization import Optimization
 from .targets import Layers, Targets, match_targets
 
@@ -130,7 +131,7 @@ class LoraSet(Optimization, Mapping):
             ['model.transformer.h.0.attn.c_attn', 'model.transformer.h.0.mlp.c_fc']
         """
         paths = match_targets(model, targets, layers)
-        envoys = [model.get(path) for path in paths]
+        envoys = [envoy_at(model, path) for path in paths]
         dims = infer_many_dims(envoys)  # widths: from weights, or one scan for all
         return cls(
             LORA(envoy, r, dropout=dropout, dtype=dtype, input_dim=dims[envoy.path].input_dim, output_dim=dims[envoy.path].output_dim)
