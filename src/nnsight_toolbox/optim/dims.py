@@ -8,8 +8,10 @@ first element of a tuple output).
   (weight ``(in, out)``, the transpose of Linear's) and `torch.nn.Embedding`
   (whose input is token ids, so ``input_dim`` is the vocabulary size).
 - Anything else (an MLP block, a decoder layer, an attention module) is measured
-  with an nnsight scan: one forward on fake tensors, which loads no weights and
-  so works on a model built on the meta device.
+  with an nnsight scan on a few token ids: one forward on fake tensors, which
+  loads no weights and so works on a model built on the meta device. Where fake
+  tensors cannot run the model (routed experts, kernels without a fake version),
+  one real forward with plain torch hooks measures it instead.
 """
 
 from __future__ import annotations
@@ -20,9 +22,6 @@ import torch
 
 if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
-
-#: The prompt a scan runs on. Any short text works: only widths are read.
-SCAN_PROMPT = "a"
 
 
 class ModuleDims:
@@ -76,28 +75,106 @@ def first_tensor(value: Any) -> torch.Tensor | None:
 
 
 def scan_dims(envoy: "Envoy") -> ModuleDims:
-    """Widths measured by an nnsight scan of the whole model on fake tensors."""
+    """Widths measured by running the whole model on a few tokens (see `scan_many_dims`)."""
     return scan_many_dims([envoy])[envoy.path]
 
 
 def scan_many_dims(envoys: "list[Envoy]") -> dict[str, ModuleDims]:
-    """Widths of several modules of one model, measured by a single scan.
+    """Widths of several modules of one model, measured by a single run on a few tokens.
 
-    One scan costs a fake forward of the whole model, so many adapters share one.
+    First an nnsight scan (fake tensors: no weights are read, so a model still on
+    the meta device works); where fake tensors cannot run the model (a routed MoE
+    with data-dependent shapes, a kernel with no fake version) and the weights are
+    real, one real forward under ``no_grad`` with plain torch hooks. The inputs fit
+    the model: token ids from its config, plus decoder ids for an encoder-decoder.
     """
     root = envoys[0].root
-    if not hasattr(root, "scan") or getattr(root, "tokenizer", None) is None:
-        envoy = envoys[0]
-        raise ValueError(
-            f"Cannot infer the input and output widths of `{envoy.path}` "
-            f"({type(envoy._module).__name__}): it is not a Linear, Conv1D or "
-            f"Embedding, and the model has no tokenizer to scan it with. Pass "
-            f"`input_dim=` and `output_dim=` to `LORA(...)`."
+    first = envoys[0]
+    if root.interleaver.interleaving:
+        raise RuntimeError(
+            f"Cannot infer the widths of `{first.path}` ({type(first._module).__name__}) inside "
+            f"a running trace: that needs a run of the model of its own. Build the adapter "
+            f"before the trace (`lora = LORA(...)`, then `with model.trace(...): lora()`), or "
+            f"pass its widths: `LORA(module, r, input_dim=..., output_dim=...)`."
         )
+    inputs = scan_inputs(root._module)
+    if inputs is None:
+        raise _cannot_infer(first, "the model has no config with a `vocab_size` to build token inputs from")
     paths = [envoy.path for envoy in envoys]
-    with root.scan(SCAN_PROMPT) as tracer:
-        cache = tracer.cache(modules=paths, include_inputs=True)
-    return {path: dims_from_values(path, cache[path].input, cache[path].output) for path in paths}
+    try:
+        with root.scan(**inputs) as tracer:
+            cache = tracer.cache(modules=paths, include_inputs=True)
+        return {path: dims_from_values(path, cache[path].input, cache[path].output) for path in paths}
+    except TypeError:
+        raise  # a module whose input or output holds no tensor: `dims_from_values` says so
+    except Exception as error:  # third-party code under fake tensors: any error can come out
+        if _on_meta(root._module):
+            raise _cannot_infer(first, f"a scan on fake tensors failed ({_summary(error)}) and the weights are not loaded yet for a real run") from error
+        scan_error = error
+    try:
+        return real_run_dims(root, envoys, inputs)
+    except TypeError:
+        raise
+    except Exception as error:
+        raise _cannot_infer(first, f"a scan on fake tensors failed ({_summary(scan_error)}), and so did a real run on a few tokens ({_summary(error)})") from error
+
+
+def scan_inputs(hf_model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """A few token ids that fit ``hf_model``, as keyword inputs, or ``None`` without a config to build them from."""
+    config = getattr(hf_model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 1:
+        return None
+    ids = (torch.arange(1, 9) % vocab).unsqueeze(0)  # (1, 8): enough tokens to reach most routed experts
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if getattr(config, "is_encoder_decoder", False):
+        start = next((t for t in (getattr(config, "decoder_start_token_id", None), getattr(config, "pad_token_id", None)) if isinstance(t, int)), 0)
+        inputs["decoder_input_ids"] = torch.full((1, 2), start)
+    return inputs
+
+
+def real_run_dims(root: "Envoy", envoys: "list[Envoy]", inputs: dict[str, torch.Tensor]) -> dict[str, ModuleDims]:
+    """Widths read by plain torch hooks during one real forward of the model, under ``no_grad``."""
+    hf_model = root._module
+    device = next((p.device for p in hf_model.parameters()), torch.device("cpu"))
+    seen: dict[str, ModuleDims] = {}
+
+    def hook_for(path: str):
+        def hook(module, args, kwargs, output):
+            if path not in seen:
+                seen[path] = dims_from_values(path, args[0] if args else next(iter(kwargs.values()), None), output)
+
+        return hook
+
+    handles = [envoy._module.register_forward_hook(hook_for(envoy.path), with_kwargs=True) for envoy in envoys]
+    try:
+        with torch.no_grad():
+            hf_model(**{key: value.to(device) for key, value in inputs.items()})
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [envoy for envoy in envoys if envoy.path not in seen]
+    if missing:
+        raise ValueError(f"`{missing[0].path}` did not run in a forward on {inputs['input_ids'].shape[1]} tokens (a routed expert that no token reached, or a module the forward skips)")
+    return seen
+
+
+def _on_meta(hf_model: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in hf_model.parameters())
+
+
+def _summary(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:160]}" if text else type(error).__name__
+
+
+def _cannot_infer(envoy: "Envoy", why: str) -> ValueError:
+    return ValueError(
+        f"Cannot infer the input and output widths of `{envoy.path}` "
+        f"({type(envoy._module).__name__}): it is not a Linear, Conv1D or Embedding, "
+        f"and {why}. Pass `input_dim=` and `output_dim=` yourself: `LORA(module, r, input_dim=..., output_dim=...)`, "
+        f"the last dimension of the module's first input and of its output."
+    )
 
 
 def dims_from_values(path: str, input: Any, output: Any) -> ModuleDims:
