@@ -47,6 +47,7 @@ from nnsight.intervention.source import NO_SKIP, Controller, _as_fragment, run_b
 from nnsight.intervention.util import first_input
 
 from .dims import first_tensor
+from .rows import layout_error, note_lengths, pass_lengths, row_span
 
 if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
@@ -54,6 +55,11 @@ if TYPE_CHECKING:
 
 #: What `steps=` accepts: one step, a slice or range of steps, or any iterable of them.
 Steps = Optional[Any]
+
+#: How often one invoke may switch the same adapter on while no forward pass runs.
+#: A loop body that only calls the adapter (``for step in tracer.all(): lora()``)
+#: never waits for the model, so it would spin forever; no real use comes near this.
+MAX_CALLS_PER_PASS = 10_000
 
 
 class Activation:
@@ -63,7 +69,7 @@ class Activation:
     an activation must never keep a finished run alive.
     """
 
-    __slots__ = ("adapter", "alpha", "steps", "mediator", "worker", "root_input")
+    __slots__ = ("adapter", "alpha", "steps", "mediator", "worker", "root_input", "calls", "calls_pass")
 
     def __init__(self, adapter: Any, alpha: float, steps: Any, mediator: "Mediator", root_input: str) -> None:
         self.adapter = adapter
@@ -72,6 +78,7 @@ class Activation:
         self.mediator = weakref.ref(mediator)
         self.worker = weakref.ref(mediator.worker)
         self.root_input = root_input  # the root module's input location, to count passes
+        self.calls, self.calls_pass = 1, None  # repeat calls within one pass (see `MAX_CALLS_PER_PASS`)
 
     def live_mediator(self, interleaver: "Interleaver") -> "Mediator | None":
         """The mediator, if it is still running in ``interleaver``'s current run."""
@@ -87,8 +94,9 @@ class Activation:
         if self.steps is None:
             return True
         # The root's input handoff counts forward passes: it has fired once for
-        # the pass now running, so the pass index is that count minus one.
-        return mediator.occurrence(self.root_input) - 1 in self.steps
+        # the pass now running, so the pass index is that count minus one. An
+        # encoder that `generate` runs before the first pass belongs to pass 0.
+        return max(mediator.occurrence(self.root_input) - 1, 0) in self.steps
 
 
 class AdapterController(Controller):
@@ -107,11 +115,19 @@ class AdapterController(Controller):
         self.__dict__.update(inner.__dict__)  # state, module_ref, signature metadata
         self.inner = inner
         self.activations: list[Activation] = []
+        # On the root (and an encoder-decoder's encoder) during a run with
+        # row-scoped adapters: "root"/"encoder", the role whose sequence lengths
+        # each forward notes (see `rows.note_lengths`), and that run's batcher.
+        self.noting: str | None = None
+        self.noting_for: Any = None
+        self.encoder_decoder = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         state = self.state
         module = self.module_ref()
         interleaver, _, locations = state.active()
+        if self.noting is not None and interleaver is not None and self.noting_for() is interleaver.batcher:
+            note_lengths(interleaver.batcher, self.noting, args, kwargs, self.encoder_decoder)
         live = self.live(interleaver) if interleaver is not None else []
         if not live:
             self.retire_if_idle(interleaver)
@@ -139,12 +155,18 @@ class AdapterController(Controller):
                 live.append(activation)
         return live
 
+    def note_for(self, batcher: Any, role: str, encoder_decoder: bool) -> None:
+        """Note the sequence lengths of each forward of this module in ``batcher``'s run."""
+        self.noting, self.noting_for, self.encoder_decoder = role, weakref.ref(batcher), encoder_decoder
+
     def retire_if_idle(self, interleaver: "Interleaver | None") -> None:
         """Drop dead activations; with none left, give the module back its own controller."""
         self.activations = [
             a for a in self.activations if interleaver is not None and a.live_mediator(interleaver) is not None
         ]
-        if not self.activations:
+        if self.noting is not None and (interleaver is None or self.noting_for() is not interleaver.batcher):
+            self.noting = self.noting_for = None  # that run has ended
+        if not self.activations and self.noting is None:
             module = self.module_ref()
             if module is not None and module.__dict__.get("forward") is self:
                 module.__dict__["forward"] = self.inner
@@ -202,29 +224,32 @@ def add_deltas(
     batching = batcher is not None and batcher.batching
     adapted = target
     cloned = False
+    spans = None  # (output, input) dim-0 entries per batch row; see `rows.row_span`
     for activation in live:
         adapter, alpha = activation.adapter, activation.alpha
         rows = activation.mediator().batch_group if batching else None  # [start, size], None: all
         if rows is None:
             adapted = adapter.add_delta(adapted, x, alpha)
             continue
+        if spans is None:
+            spans = _row_spans(target, x, batcher, controller)
         start, size = rows
-        total = batcher.total
-        if target.shape[0] != total or x.shape[0] != total:
-            path = controller.path
-            raise ValueError(
-                f"Cannot scope the adapter on `{path}` to its invoke's rows: the batch "
-                f"has {total} rows but the module's input has leading dimension "
-                f"{x.shape[0]} and its output {target.shape[0]}. Options that change "
-                f"the batch size inside the model (num_beams, num_return_sequences) "
-                f"do not mix with per-invoke adapters; call `lora()` in an empty "
-                f"`tracer.invoke()` to adapt the whole batch."
-            )
+        out_span, in_span = spans
         if not cloned:  # in-place row updates on a fresh tensor keep autograd exact
             adapted, cloned = adapted.clone(), True
-        rows_out = adapted.narrow(0, start, size)
-        rows_out.copy_(adapter.add_delta(rows_out, x.narrow(0, start, size), alpha))
+        rows_out = adapted.narrow(0, start * out_span, size * out_span)
+        rows_out.copy_(adapter.add_delta(rows_out, x.narrow(0, start * in_span, size * in_span), alpha))
     return adapted if output is target else replace_first_tensor(output, adapted)
+
+
+def _row_spans(output: torch.Tensor, x: torch.Tensor, batcher: Any, controller: AdapterController) -> tuple[int, int]:
+    """How many dim-0 entries each batch row owns in the output and the input, or a clear refusal."""
+    total, lengths = batcher.total, pass_lengths(batcher)
+    out_span, in_span = row_span(output, total, lengths), row_span(x, total, lengths)
+    if out_span is None or in_span is None:
+        options = {**batcher.kwargs, **batcher.extra_kwargs}
+        raise layout_error(controller.path, x, output, total, lengths, options)
+    return out_span, in_span
 
 
 def replace_first_tensor(output: Any, value: torch.Tensor) -> Any:
@@ -328,6 +353,8 @@ def activate_many(pairs: "list[tuple[Any, Envoy]]", alpha: float, steps: Any, wh
             # remote server travels without its parent, so `envoy.root` would be itself.
             root_input = f"{envoy.path.split('.', 1)[0]}.input"
             passes = _passes_begun(mediator, root_input)
+            if rows is not None:  # row-scoped: the run's sequence lengths tell the layouts apart
+                _note_lengths_of_run(envoy, interleaver)
         controller = _adapter_controller(envoy)
         if _switch_on(controller, adapter, alpha, steps, mediator, rows, root_input, envoy.path) and passes:
             if mediator.occurrence(f"{envoy.path}.input") >= passes:
@@ -378,6 +405,7 @@ def _switch_on(
         other = activation.live_mediator(interleaver)
         if other is mediator:
             activation.alpha, activation.steps = alpha, steps
+            _count_repeat_call(activation, mediator, path)
             return False
         other_rows = other.batch_group if rows is not None else None
         if rows is None or other_rows is None or _overlap(rows, other_rows):
@@ -389,6 +417,48 @@ def _switch_on(
             )
     controller.activations.append(Activation(adapter, alpha, steps, mediator, root_input))
     return True
+
+
+def _count_repeat_call(activation: Activation, mediator: "Mediator", path: str) -> None:
+    """Refuse a loop that calls the adapter again and again while no forward pass runs."""
+    passes = mediator.occurrence(activation.root_input)
+    if activation.calls_pass != passes:
+        activation.calls, activation.calls_pass = 1, passes
+        return
+    activation.calls += 1
+    if activation.calls > MAX_CALLS_PER_PASS:
+        raise RuntimeError(
+            f"The adapter on `{path}` was switched on {MAX_CALLS_PER_PASS} times by one invoke "
+            f"while no forward pass ran. A loop whose body only calls the adapter, such as "
+            f"`for step in tracer.all(): lora()`, never waits for the model, so it would never "
+            f"end. The adapter already acts on every generation step: call `lora()` once, with "
+            f"no loop. To read values step by step, keep the loop and read one inside it "
+            f"(`for step in tracer.all(): lora(); h = model.lm_head.output.save()`)."
+        )
+
+
+def _note_lengths_of_run(envoy: "Envoy", interleaver: "Interleaver") -> None:
+    """Have the root (and an encoder-decoder's encoder) note each pass's sequence lengths in this run."""
+    root = _root_envoy(envoy, interleaver)
+    if root is None:
+        return  # no root to note at: only batch-first layouts will be accepted
+    hf_model = root._module
+    encoder_decoder = bool(getattr(getattr(hf_model, "config", None), "is_encoder_decoder", False))
+    _adapter_controller(root).note_for(interleaver.batcher, "root", encoder_decoder)
+    get_encoder = getattr(hf_model, "get_encoder", None)
+    if encoder_decoder and callable(get_encoder):
+        encoder = interleaver.envoys.get(id(get_encoder()))
+        if encoder is not None and encoder is not root:
+            _adapter_controller(encoder).note_for(interleaver.batcher, "encoder", encoder_decoder)
+
+
+def _root_envoy(envoy: "Envoy", interleaver: "Interleaver") -> "Envoy | None":
+    root_path = envoy.path.split(".", 1)[0]
+    root = envoy.root
+    if root.path == root_path:
+        return root
+    # An envoy unpickled on a remote server travels without its parent.
+    return next((e for e in interleaver.envoys.values() if e.path == root_path), None)
 
 
 def _overlap(a: list, b: list) -> bool:

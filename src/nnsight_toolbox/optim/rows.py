@@ -1,0 +1,120 @@
+"""Which rows of a module's tensors belong to one invoke, or a refusal when that cannot be known.
+
+Several invokes of one trace run as one batch: invoke ``i`` owns rows
+``[start, start + size)`` of the ``B`` rows (nnsight's ``Mediator.batch_group``).
+A module deep inside the model does not always see those rows along dim 0:
+
+- batch-first ``(B, T, H)`` (most modules): the rows are ``[start, start + size)``;
+- flattened batch-major ``(B*T, H)`` (OPT's ``fc1``/``fc2``, Qwen2-MoE's shared
+  expert): each row owns ``T`` consecutive entries, ``[start*T, (start + size)*T)``;
+- a routed MoE expert ``(n_routed, H)`` holds only the tokens routed to it, and a
+  time-first layer ``(T, B, H)`` (FSMT) has its batch on dim 1: neither can be
+  narrowed by row, whatever their sizes happen to be.
+
+So rows are scoped only where the layout follows from what the pass is known to
+contain: its batch size ``B`` and its sequence lengths. The lengths are noted at
+the start of every forward pass from the token inputs of the root module (and
+of an encoder-decoder's encoder, which ``generate`` runs on its own before the
+first pass); see `note_lengths`. A layout that does not follow is refused by
+`row_span` returning ``None``, and the caller raises `layout_error`. The one
+ambiguity left is a time-first tensor whose time length equals the batch size:
+its shape is that of a batch-first tensor (see the gotchas page).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .dims import first_tensor
+
+#: Root-module inputs whose dim 1 is a sequence length of the pass.
+SEQUENCE_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
+
+#: The attribute, on nnsight's per-run ``Batcher``, that holds the lengths noted in
+#: that run: they live and die with the run, so no note can outlive it.
+NOTE = "nnsight_toolbox_lengths"
+
+
+def note_lengths(batcher: Any, role: str, args: tuple, kwargs: dict, encoder_decoder: bool) -> None:
+    """Record on ``batcher`` the sequence lengths a forward of the root (or the encoder) carries.
+
+    ``role`` is ``"root"`` or ``"encoder"``; each call replaces that role's note, so
+    the root's note is always that of the pass now running (each generation step
+    is a new pass with its own lengths: 1 with a KV cache, the whole sequence without).
+    """
+    total = batcher.total
+    values = [kwargs.get(key) for key in SEQUENCE_INPUTS]
+    first = args[0] if args else None
+    if isinstance(first, torch.Tensor):
+        if not first.is_floating_point():
+            values.append(first)  # token ids given positionally
+        elif first.dim() == 2 and first.shape[0] == total:
+            values.append(first[:, :1])  # a (B, features) input: one position per row
+    if encoder_decoder:
+        # The decoder's passes carry the encoder's length in its mask and outputs.
+        values.append(kwargs.get("attention_mask"))
+        values.append(first_tensor(kwargs.get("encoder_outputs")))
+    lengths = {
+        value.shape[1]
+        for value in values
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == total
+    }
+    notes = batcher.__dict__.setdefault(NOTE, {})
+    notes[role] = frozenset(lengths)
+
+
+def pass_lengths(batcher: Any) -> frozenset:
+    """The sequence lengths noted in this run: the running pass's and the encoder's (empty if none)."""
+    notes = batcher.__dict__.get(NOTE)
+    if not notes:
+        return frozenset()
+    return notes.get("root", frozenset()) | notes.get("encoder", frozenset())
+
+
+def row_span(tensor: torch.Tensor, total: int, lengths: frozenset) -> int | None:
+    """How many dim-0 entries each batch row owns in ``tensor``, or ``None`` if that is not established.
+
+    1 for batch-first ``(B, T, ...)``; ``T`` for flattened batch-major ``(B*T, ...)``
+    where ``T`` is a sequence length of the pass. Token ids (integer tensors) have
+    no feature axis, so ``(B, T)`` ids are batch-first and ``(B*T,)`` flattened.
+
+    Examples:
+        >>> row_span(torch.zeros(2, 5, 8), total=2, lengths=frozenset({5}))     # batch-first
+        1
+        >>> row_span(torch.zeros(10, 8), total=2, lengths=frozenset({5}))       # OPT's flattened rows
+        5
+        >>> row_span(torch.zeros(2, 8), total=2, lengths=frozenset({5})) is None  # 2 routed tokens, not 2 rows
+        True
+    """
+    leading_axes = tensor.dim() - (1 if tensor.is_floating_point() else 0)  # axes before the features
+    lead = tensor.shape[0] if tensor.dim() else 0
+    if leading_axes >= 2:
+        return 1 if lead == total else None
+    if leading_axes != 1 or total == 0 or lead % total:
+        return None
+    per_row = lead // total
+    return per_row if per_row in lengths else None
+
+
+def layout_error(path: str, x: torch.Tensor, output: torch.Tensor, total: int, lengths: frozenset, options: dict) -> ValueError:
+    """The refusal for a module whose rows cannot be told apart, naming what was seen and the fix."""
+    seen = f"input {tuple(x.shape)} and output {tuple(output.shape)}"
+    known = f"sequence length(s) {sorted(lengths)}" if lengths else "no known sequence length"
+    changed = [f"`{key}={value}`" for key, value in options.items() if key in ("num_beams", "num_return_sequences") and value not in (None, 1)]
+    why = (
+        f" The run was given {' and '.join(changed)}, which change the batch size inside the model."
+        if changed
+        else (
+            " This is how a routed MoE expert (which sees only the tokens routed to it), a "
+            "time-first layer (T, B, H), or a pooled (B, H) head after a longer sequence look."
+        )
+    )
+    return ValueError(
+        f"Cannot scope the adapter on `{path}` to its invoke's rows: the pass has {total} "
+        f"rows and {known}, and the module saw {seen}. Rows are scoped only for a "
+        f"batch-first (B, T, ...) or a flattened batch-major (B*T, ...) layout.{why} "
+        f"Adapt the whole batch instead: switch the adapter on inside an empty "
+        f"`tracer.invoke()` (or in a trace with a single invoke)."
+    )
