@@ -41,6 +41,9 @@ __all__ = ["LORA"]
 #: matmul (``addmm``): it saves a pass over the output, which outweighs the cost of
 #: the reshapes ``addmm`` needs. Below it (one token at a time, in generation) it does not.
 FUSE_MIN_ELEMENTS = 1 << 14
+#: The dtypes an adapter may have: those torch trains and multiplies in. The
+#: float8 dtypes are floating point too, but torch has no matmul for them.
+ADAPTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class LORA(Optimization):
@@ -531,8 +534,13 @@ def _check_dropout(dropout: Any) -> None:
 
 
 def _check_dtype(dtype: Any) -> None:
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"`dtype` must be a floating torch dtype such as `torch.float32`, got {dtype!r}.")
+    if not isinstance(dtype, torch.dtype) or dtype not in ADAPTER_DTYPES:
+        raise TypeError(
+            f"`dtype` must be one of `torch.float32`, `torch.bfloat16`, `torch.float16` or "
+            f"`torch.float64`, the dtypes torch trains and multiplies in, got {dtype!r}. "
+            f"For a float8 or quantized model keep the adapter in float32 (the default): "
+            f"its delta is added in the adapter's dtype and cast to the output's."
+        )
 
 
 def _resolve_dims(module: "Envoy", input_dim: int | None, output_dim: int | None) -> ModuleDims:
