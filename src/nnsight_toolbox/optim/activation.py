@@ -277,9 +277,17 @@ def normalize_steps(steps: Steps) -> Any:
     if steps is None:
         return None
     if isinstance(steps, slice):
-        if (steps.start or 0) < 0 or (steps.stop is not None and steps.stop < 0):
+        start, stop, step = steps.start, steps.stop, steps.step
+        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (start, stop, step)):
+            raise ValueError(f"`steps` as a slice takes ints (or None), got {steps!r}. Pass e.g. `slice(1, None)`.")
+        if (start or 0) < 0 or (stop is not None and stop < 0):
             raise ValueError(f"`steps` cannot hold negative steps, got {steps!r}.")
-        return range(steps.start or 0, sys.maxsize if steps.stop is None else steps.stop, steps.step or 1)
+        if step is not None and step < 1:  # `step or 1` would read 0 as 1; a negative step picks no pass
+            raise ValueError(
+                f"`steps` as a slice needs a positive step, got {steps!r}. Pass e.g. "
+                f"`slice(0, 10, 2)` for every other pass, or `slice(0, 10)` for each."
+            )
+        return range(start or 0, sys.maxsize if stop is None else stop, step or 1)
     if isinstance(steps, range):
         return steps
     if isinstance(steps, int) and not isinstance(steps, bool):

@@ -536,8 +536,8 @@ def _check_dropout(dropout: Any) -> None:
 def _check_dtype(dtype: Any) -> None:
     if not isinstance(dtype, torch.dtype) or dtype not in ADAPTER_DTYPES:
         raise TypeError(
-            f"`dtype` must be one of `torch.float32`, `torch.bfloat16`, `torch.float16` or "
-            f"`torch.float64`, the dtypes torch trains and multiplies in, got {dtype!r}. "
+            f"`dtype` must be a floating torch dtype that torch trains and multiplies in: "
+            f"`torch.float32`, `torch.bfloat16`, `torch.float16` or `torch.float64`, got {dtype!r}. "
             f"For a float8 or quantized model keep the adapter in float32 (the default): "
             f"its delta is added in the adapter's dtype and cast to the output's."
         )
