@@ -163,6 +163,10 @@ class LORA(Optimization):
         True
     """
 
+    # The merge record belongs to this object alone: a copy is never merged, so
+    # exactly one object can take a merge back out (see `Optimization.__deepcopy__`).
+    _not_copied = ("_merge_record",)
+
     def __init__(
         self,
         module: "Envoy",
