@@ -60,18 +60,31 @@ class Activation:
     """One adapter switched on by one invoke of one run.
 
     Holds the mediator and its worker weakly: both belong to nnsight's run, and
-    an activation must never keep a finished run alive.
+    an activation must never keep a finished run alive. Holds the adapter
+    weakly too: the module's controller (and this activation on it) stays until
+    the module next runs, and a user who deletes the adapter before that must
+    get its memory, and its gradients', back. The run keeps the adapter alive
+    while it lasts instead: its worker greenlet holds it, and nnsight drops the
+    worker when the run ends (`Interleaver.cancel`).
     """
 
-    __slots__ = ("adapter", "alpha", "steps", "mediator", "worker", "root_input")
+    __slots__ = ("_adapter", "alpha", "steps", "mediator", "worker", "root_input")
 
     def __init__(self, adapter: Any, alpha: float, steps: Any, mediator: "Mediator", root_input: str) -> None:
-        self.adapter = adapter
+        self._adapter = weakref.ref(adapter)
+        worker = mediator.worker
+        kept = worker.__dict__.setdefault("nnsight_toolbox_adapters", [])  # greenlets take attributes
+        kept.append(adapter)
         self.alpha = alpha
         self.steps = steps  # None (every pass) or a container of pass indices
         self.mediator = weakref.ref(mediator)
         self.worker = weakref.ref(mediator.worker)
         self.root_input = root_input  # the root module's input location, to count passes
+
+    @property
+    def adapter(self) -> Any:
+        """The adapter; alive while the run is (its worker holds it), ``None`` once it was deleted after."""
+        return self._adapter()
 
     def live_mediator(self, interleaver: "Interleaver") -> "Mediator | None":
         """The mediator, if it is still running in ``interleaver``'s current run."""
