@@ -410,6 +410,9 @@ class LORA(Optimization):
         """Save the adapter to ``directory``: ``lora.safetensors`` plus a ``lora.json`` sidecar.
 
         Works for any target, blocks included. Load it back with `LORA.load`.
+        The directory is replaced as a whole: a save interrupted at any point
+        (Ctrl-C, a crash, a full disk) leaves it loading as the complete old
+        adapter or the complete new one. Other files in it are kept.
 
         Examples:
             >>> lora.save("adapters/mlp")
@@ -479,9 +482,11 @@ class LORA(Optimization):
     def unmerge(self) -> None:
         """Take the merged delta back out: the weight returns to its exact original bits.
 
-        If the weight changed since the merge (say, another adapter was merged into
-        the same layer after this one), the delta is subtracted in float32 instead,
-        with a warning; that is exact only up to rounding.
+        If the weight changed since the merge in any bit (say, another adapter was
+        merged into the same layer after this one), the delta is subtracted in
+        float32 instead, with a warning; that is exact only up to rounding. Only
+        the adapter that merged can unmerge: a copy of it (``copy.deepcopy``) is
+        not merged, so the delta never leaves twice.
 
         Examples:
             >>> c_fc = LORA(model.transformer.h[0].mlp.c_fc, r=8)
