@@ -179,6 +179,28 @@ def test_saving_through_a_symlink_replaces_its_target_and_keeps_the_link(gpt2, t
     new.save(tmp_path / "link")
     assert (tmp_path / "link").is_symlink()
     assert same(load_single(gpt2, tmp_path / "real"), weights_of(new))
+    assert export_peft(new, tmp_path / "link") == tmp_path / "link"  # the path as given
+
+
+def test_a_load_through_a_symlink_finds_the_copy_a_crashed_save_left_aside(gpt2, tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    old = single(gpt2, 1)
+    old.save(tmp_path / "link")
+    rename = os.rename
+
+    def rename_aside_only(source, target):
+        if Path(target).name != ".real.previous":
+            raise KeyboardInterrupt
+        rename(source, target)
+
+    with monkeypatch.context() as patch:  # crash right after the old copy was moved aside
+        patch.setattr(files, "recover_directory", lambda *a, **k: None)
+        patch.setattr(os, "rename", rename_aside_only)
+        with pytest.raises(KeyboardInterrupt):
+            single(gpt2, 2).save(tmp_path / "link")
+    assert not (tmp_path / "real").exists()
+    assert same(load_single(gpt2, tmp_path / "link"), weights_of(old))
 
 
 def test_saving_into_the_working_directory_is_refused(gpt2, tmp_path, monkeypatch):

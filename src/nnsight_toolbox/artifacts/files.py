@@ -119,9 +119,10 @@ def saved_directory(directory: str | os.PathLike) -> Path:
         PosixPath('adapters/mlp')
     """
     directory = Path(directory)
-    if not directory.exists() and not directory.is_symlink() and aside_path(directory).is_dir():
-        return aside_path(directory)
-    return directory
+    if directory.exists():
+        return directory
+    real = Path(os.path.realpath(directory))  # a symlink's target is what a save swaps
+    return aside_path(real) if aside_path(real).is_dir() else directory
 
 
 def replace_directory(directory: str | os.PathLike, files: dict[str, bytes], what: str) -> Path:
@@ -137,7 +138,7 @@ def replace_directory(directory: str | os.PathLike, files: dict[str, bytes], wha
         >>> replace_directory("adapters/mlp", {"note.txt": b"hello"}, "`save`")
         PosixPath('adapters/mlp')
     """
-    directory = Path(directory)
+    given = directory = Path(directory)
     if directory.is_symlink():  # swap the directory it points to, and keep the link
         directory = Path(os.path.realpath(directory))
     if directory.exists() and not directory.is_dir():
@@ -164,7 +165,7 @@ def replace_directory(directory: str | os.PathLike, files: dict[str, bytes], wha
         # new one did not land, deletes it if it did, and drops the staging copy.
         recover_directory(directory)
         shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    return given
 
 
 def recover_directory(directory: Path, *, stale: bool = False) -> None:
