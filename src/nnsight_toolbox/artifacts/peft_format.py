@@ -414,7 +414,7 @@ def _read_peft_adapter(model: "Envoy", directory: Path) -> tuple["_Settings", li
         if (name, role) in keys:  # with and without the `base_model.model.` prefix
             raise ValueError(
                 f"`{weights_path}` holds both `{keys[name, role]}` and `{key}`, which name the same "
-                f"tensor of `{name}`; which one PEFT would use depends on the order it reads them. "
+                f"tensor of `{name}`; whichever is read last would win, and the order is not fixed. "
                 f"Keep one of the two (PEFT writes keys with the `{KEY_PREFIX}` prefix)."
             )
         keys[name, role] = key

@@ -78,7 +78,7 @@ class Activation:
         self.alpha = alpha
         self.steps = steps  # None (every pass) or a container of pass indices
         self.mediator = weakref.ref(mediator)
-        self.worker = weakref.ref(mediator.worker)
+        self.worker = weakref.ref(worker)
         self.root_input = root_input  # the root module's input location, to count passes
 
     @property
