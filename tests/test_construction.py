@@ -141,6 +141,13 @@ def test_dtype_must_be_floating(gpt2):
         LORA(gpt2.transformer.h[0].mlp, r=4, dtype=torch.int64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_float8_dtype_is_refused_at_construction(gpt2, dtype):
+    """float8 is floating point, but torch has no matmul for it: refuse it here, not in the first trace."""
+    with pytest.raises(TypeError, match=r"`dtype` must be .*`torch\.float32`.*float8"):
+        LORA(gpt2.transformer.h[0].mlp, r=4, dtype=dtype)
+
+
 def test_a_scanned_output_without_a_tensor_is_named():
     from nnsight_toolbox.optim.dims import dims_from_values
 

@@ -140,7 +140,11 @@ def test_steps_restrict_it_to_chosen_forward_passes(gpt2):
     assert not torch.equal(ids, reference(gpt2, "gpt2", lora, PROMPT))
 
 
-@pytest.mark.parametrize("steps", [-1, "all", 1.5, [0, -2]])
+@pytest.mark.parametrize(
+    "steps",
+    [-1, "all", 1.5, [0, -2], slice(0, 5, 0), slice(None, None, -1), slice(0, 5, 1.5), slice("a", None)],
+    ids=repr,
+)
 def test_bad_steps_are_refused(gpt2, steps):
     lora = adapted(gpt2, "gpt2")
     with pytest.raises(ValueError, match="`steps`"):

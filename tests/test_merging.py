@@ -203,3 +203,54 @@ def test_two_adapters_on_one_layer_unmerge_in_any_order(model_paths):
     with pytest.warns(UserWarning, match="exact only up to rounding"):
         second.unmerge()
     torch.testing.assert_close(layer.weight.detach(), original, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family_name, name", [("gpt2", "transformer.h.1.mlp.c_fc"), ("llama", "model.layers.1.mlp.up_proj")])
+def test_unmerge_sees_an_edit_that_keeps_the_sum_and_subtracts_only_its_delta(model_paths, family_name, name):
+    """Swapping two output neurons after a merge keeps the weight's sum; unmerge must still
+    notice, keep the swap, and take out only its own delta (in float32, with a warning)."""
+    model = load(model_paths[family_name])
+    lora = LORA(envoy_at(model, name), r=2)
+    randomize(lora)
+    weight = model._module.get_submodule(name).weight
+    original = weight.detach().clone()
+    lora.merge()
+    out_dim = 1 if family_name == "gpt2" else 0  # Conv1D stores (in, out), nn.Linear (out, in)
+    with torch.no_grad():
+        swapped = weight.detach().index_select(out_dim, torch.tensor([1, 0])).clone()
+        weight.narrow(out_dim, 0, 2).copy_(swapped)
+    edited = weight.detach().clone()
+    with pytest.warns(UserWarning, match="changed after the adapter was merged"):
+        lora.unmerge()
+    delta = lora.WA.detach().float() @ lora.WB.detach().float()  # (in, out), formed in float32 as documented
+    delta = delta if family_name == "gpt2" else delta.T
+    assert torch.equal(weight.detach(), (edited.float() - delta).to(weight.dtype))
+    assert not torch.equal(weight, original), "the edit was silently undone"
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "copy"])
+def test_a_copy_of_a_merged_adapter_is_not_merged_so_only_the_original_unmerges(gpt2, copier):
+    import copy
+
+    lora = LORA(gpt2.transformer.h[1].mlp.c_fc, r=2)
+    randomize(lora)
+    weight = gpt2._module.transformer.h[1].mlp.c_fc.weight
+    original = weight.detach().clone()
+    lora.merge()
+    snapshot = getattr(copy, copier)(lora)
+    assert lora.merged and not snapshot.merged
+    with pytest.raises(RuntimeError, match="not merged"):
+        snapshot.unmerge()
+    lora.unmerge()
+    assert torch.equal(weight, original)  # the delta left exactly once
+    assert torch.equal(snapshot.WB, lora.WB)  # a snapshot of the weights all the same
+
+
+def test_a_copy_of_a_merged_set_is_not_merged(gpt2):
+    import copy
+
+    adapters = LORA.on(gpt2, ["c_fc"], r=2)
+    adapters.merge()
+    snapshot = copy.deepcopy(adapters)
+    assert adapters.merged and not snapshot.merged
+    adapters.unmerge()

@@ -251,6 +251,19 @@ BAD_INPUTS = {
         "not a readable safetensors file",
     ),
     "corrupted header": (lambda d: corrupt_header(d / "adapter_model.safetensors"), ValueError, "not a readable safetensors file"),
+    # PEFT's scale (lora_alpha / r) folded into WB must stay finite in the adapter's dtype.
+    "lora_alpha overflows": (lambda d: edit_config(d, lora_alpha=1e300), ValueError, "`lora_alpha`=1e+300"),
+    "alpha_pattern overflows": (
+        lambda d: edit_config(d, alpha_pattern={"c_fc": 1e300}),
+        ValueError,
+        "`alpha_pattern` 'c_fc': 1e+300",
+    ),
+    "zero rank in rank_pattern": (lambda d: edit_config(d, rank_pattern={"c_fc": 0}), ValueError, "gives 'c_fc' the rank 0"),
+    "deeply nested config": (
+        lambda d: (d / "adapter_config.json").write_text('{"r": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+        ValueError,
+        "nests its JSON too deeply",
+    ),
 }
 
 
@@ -286,3 +299,19 @@ def test_a_real_prompt_tuning_adapter_is_refused_by_type(model_paths, gpt2, tmp_
     get_peft_model(base, config).save_pretrained(tmp_path / "prompt")
     with pytest.raises(ValueError, match="PROMPT_TUNING"):
         import_peft(gpt2, tmp_path / "prompt")
+
+
+def test_a_tensor_under_two_keys_is_refused_naming_both(gpt2, peft_dir):
+    """With and without PeftModel's prefix, both name one tensor; which wins would depend on read order."""
+    bare = A_KEY.removeprefix("base_model.model.")
+    edit_tensors(peft_dir, lambda t: t.__setitem__(bare, torch.zeros_like(t[A_KEY])))
+    with pytest.raises(ValueError) as info:
+        import_peft(gpt2, peft_dir)
+    assert f"`{A_KEY}`" in str(info.value) and f"`{bare}`" in str(info.value)
+
+
+def test_a_large_but_finite_scale_imports_finite_adapters(gpt2, peft_dir):
+    """An alpha whose scaled WB still fits float32 imports, and is finite."""
+    edit_config(peft_dir, lora_alpha=2e30)
+    (lora,) = import_peft(gpt2, peft_dir).values()
+    assert bool(torch.isfinite(lora.WB).all()) and lora.WB.abs().max() > 1e29

@@ -126,6 +126,12 @@ BAD_INPUTS = {
     "another format": (lambda d: edit_sidecar(d, format="something"), ValueError, "lora.json"),
     "newer format": (lambda d: edit_sidecar(d, format_version=99), ValueError, "Upgrade"),
     "bad field": (lambda d: edit_sidecar(d, r="two"), ValueError, "lora.json"),
+    "float8 dtype": (lambda d: edit_sidecar(d, dtype="float8_e4m3fn"), ValueError, "field `dtype` is 'float8_e4m3fn'"),
+    "deeply nested sidecar": (
+        lambda d: (d / "lora.json").write_text('{"r": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+        ValueError,
+        "nests its JSON too deeply",
+    ),
     "truncated tensors": (lambda d: truncate(d / "lora.safetensors"), ValueError, "checksum"),
     "truncated, checksum updated": (
         lambda d: (truncate(d / "lora.safetensors"), edit_sidecar(d, sha256=sha256_hex((d / "lora.safetensors").read_bytes()))),

@@ -84,3 +84,58 @@ def test_a_session_of_traces_scopes_each_trace(gpt2):
             plain = gpt2.lm_head.output.save()
     assert not torch.allclose(adapted, plain)
     assert torch.equal(plain, hf_logits(gpt2, PROMPT))
+
+
+# --- a deleted adapter is freed ------------------------------------------------------
+
+
+def train_once(gpt2, path="transformer.h.0.mlp"):
+    """Build an adapter, run it, backpropagate, and drop it: weak references to it and its gradient.
+
+    A helper, as a notebook cell's code is: nnsight captures the locals of the
+    frame a trace is written in, and a function's frame keeps a snapshot of
+    them (``frame.f_locals``) that ``del`` does not update.
+    """
+    import weakref
+
+    lora = LORA(gpt2.get(path), r=4)
+    randomize(lora)
+    with gpt2.trace(PROMPT):
+        lora()
+        logits = gpt2.lm_head.output.save()
+    logits.sum().backward()
+    return weakref.ref(lora), weakref.ref(lora.WB.grad)
+
+
+def test_a_deleted_adapter_and_its_gradients_are_freed_before_its_module_runs_again(gpt2):
+    adapter, grad = train_once(gpt2)
+    assert isinstance(installed_forward(gpt2.transformer.h[0].mlp), AdapterController)  # has not run since
+    gc.collect()
+    assert adapter() is None and grad() is None
+
+
+def test_building_and_dropping_adapters_in_a_loop_does_not_grow(gpt2):
+    paths = ["transformer.h.0.mlp", "transformer.h.1.mlp", "transformer.h.0.attn.c_attn"]
+    refs = [train_once(gpt2, paths[i % len(paths)]) for i in range(9)]
+    gc.collect()
+    assert [adapter() is None and grad() is None for adapter, grad in refs] == [True] * 9
+    assert all(len(getattr(installed_forward(gpt2.get(path)), "activations", [])) <= 1 for path in paths)
+
+
+def test_an_adapter_nobody_else_holds_still_acts_for_its_whole_run(gpt2):
+    """The run keeps an adapter alive: a temporary adapter must not vanish mid-generation."""
+    from conftest import hf_generate, reference_hook
+
+    lora = LORA(gpt2.transformer.h[0].mlp, r=4)
+    randomize(lora, scale=2.0)
+    WA, WB = lora.WA.detach().clone(), lora.WB.detach().clone()
+    pending = [lora]
+    del lora
+    with gpt2.generate(PROMPT, max_new_tokens=4, do_sample=False) as tracer:
+        pending.pop()()  # the only reference is this call's
+        gc.collect()
+        ids = tracer.result.save()
+    with reference_hook(gpt2, "transformer.h.0.mlp", WA, WB):
+        expected = hf_generate(gpt2, PROMPT, 4)
+    assert torch.equal(ids, expected)
+    assert not torch.equal(ids, hf_generate(gpt2, PROMPT, 4))

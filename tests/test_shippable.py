@@ -140,3 +140,35 @@ def test_an_adapter_rebuilt_without_the_package_runs_like_a_server(gpt2, model_p
         assert (results[request]["forward"], results[request]["inner"]) == ("AdapterController", "Controller")
     assert torch.allclose(torch.tensor(results["after"]["logits"]), base, atol=1e-6)
     assert results["after"]["forward"] == Controller.__name__
+
+
+def test_plain_pickling_is_refused_with_how_to_save(gpt2, tmp_path):
+    """`pickle` cannot write the model the adapter's Envoy leads to: say so, and how to save instead."""
+    import io
+    import pickle
+
+    lora = LORA(gpt2.transformer.h[0].mlp, r=4)
+    with pytest.raises(TypeError, match=r"`LORA` cannot be pickled.*`lora\.save\(directory\)`.*`state_dict\(\)`"):
+        pickle.dumps(lora)
+    with pytest.raises(TypeError, match=r"`LORA` cannot be pickled"):
+        torch.save(lora, io.BytesIO())
+    with pytest.raises(TypeError, match=r"`LORA` cannot be pickled"):
+        pickle.dumps(LORA.on(gpt2, ["c_fc"], r=2))  # a set: its adapters refuse
+    restored = LORA(gpt2.transformer.h[0].mlp, r=4)
+    restored.load_state_dict(pickle.loads(pickle.dumps(lora.state_dict())))  # what the message suggests works
+    assert torch.equal(restored.WA, lora.WA)
+
+
+def test_a_merged_adapter_ships_without_its_merge(gpt2):
+    """A remote request's copy is a copy: not merged, and without the CPU copy of the weight."""
+    lora = LORA(gpt2.transformer.h[1].mlp.c_fc, r=4)
+    plain = len(serialization.dumps(lora))
+    lora.merge()
+    try:
+        payload = serialization.dumps(lora)
+        # The weight is 32 x 128 float32, 16 kB: its copy would show. (Rebuilding the
+        # payload needs a process without the package; see the server test above.)
+        assert len(payload) < plain + 4096, "the merge record (a copy of the weight) was shipped"
+        assert b"_merge_record" in payload and b"MergeRecord" not in payload
+    finally:
+        lora.unmerge()

@@ -18,14 +18,20 @@ bf16 would round twice. Merging checks the result for NaN/Inf before writing,
 so a refused merge leaves the weight untouched.
 
 Unmerging restores the original bits: merge keeps a copy of the weight on the
-CPU (host memory the size of the merged weights) and a float64 checksum of
-what it wrote. If something changed the weight since (another adapter merged
-into the same layer, a ``load_state_dict``), restoring the copy would undo that
-too, so unmerge subtracts its own delta instead and warns.
+CPU (host memory the size of the merged weights) and a SHA-256 of the bytes it
+wrote. If anything changed the weight since, by even one bit (another adapter
+merged into the same layer, a ``load_state_dict``, two rows swapped), restoring
+the copy would undo that too, so unmerge subtracts its own delta in float32
+instead and warns. A sum cannot tell: permuting two neurons keeps it.
+
+Exactly one object owns a merge: a copy of a merged adapter (``copy.copy``,
+``copy.deepcopy``, one sent to a remote server) is not merged, so only the
+original can unmerge, and the delta is never taken out twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -51,14 +57,14 @@ class MergeRecord:
             while merged does not change what unmerge subtracts.
         WB: Likewise ``(r, output_dim)``.
         original: The weight before the merge, on the CPU.
-        checksum: float64 sum of the merged weight, to tell whether it changed since.
+        fingerprint: SHA-256 of the merged weight's bytes, to tell whether it changed since.
     """
 
     alpha: float
     WA: torch.Tensor
     WB: torch.Tensor
     original: torch.Tensor
-    checksum: float
+    fingerprint: bytes
 
 
 def weight_delta(kind: str, WA: torch.Tensor, WB: torch.Tensor, alpha: float, device: torch.device) -> torch.Tensor:
@@ -106,7 +112,7 @@ def merge_lora(lora: "LORA", alpha: float = 1.0) -> None:
         WA=lora.WA.detach().clone(),
         WB=lora.WB.detach().clone(),
         original=weight.detach().to("cpu", copy=True),
-        checksum=_checksum(merged),
+        fingerprint=_fingerprint(merged),
     )
     with torch.no_grad():
         weight.copy_(merged)
@@ -133,14 +139,14 @@ def unmerge_lora(lora: "LORA") -> None:
             f"{tuple(record.original.shape)} when the adapter was merged; the layer was replaced."
         )
     with torch.no_grad():
-        if _checksum(weight) == record.checksum:
+        if _fingerprint(weight) == record.fingerprint:
             weight.copy_(record.original.to(weight.device))  # the original bits, exactly
         else:
             delta = weight_delta(kind, record.WA, record.WB, record.alpha, weight.device)
             weight.copy_((weight.detach().to(torch.float32) - delta).to(weight.dtype))
             warnings.warn(
                 f"The weight of `{lora.path}` changed after the adapter was merged into it "
-                f"(another merge into the same layer, or new weights were loaded), so the "
+                f"(another merge into the same layer, new weights loaded, or an edit), so the "
                 f"saved original was not restored; the adapter's delta was subtracted in "
                 f"float32 instead, which is exact only up to rounding. Unmerge adapters in "
                 f"the reverse order of merging to restore the weights bit for bit.",
@@ -187,5 +193,7 @@ def _mergeable_weight(lora: "LORA", verb: str) -> tuple[str, torch.nn.Parameter]
     return kind, weight
 
 
-def _checksum(weight: torch.Tensor) -> float:
-    return float(weight.detach().sum(dtype=torch.float64))
+def _fingerprint(weight: torch.Tensor) -> bytes:
+    """SHA-256 of the weight's bytes: any change to any element changes it (a sum would miss a permutation)."""
+    data = weight.detach().contiguous().to("cpu").reshape(-1).view(torch.uint8)
+    return hashlib.sha256(data.numpy()).digest()

@@ -36,13 +36,15 @@ from ..optim.dims import infer_dims
 from .files import (
     check_finite,
     is_number,
+    read_header,
     read_json,
     read_tensors,
+    replace_directory,
     require_directory,
     require_file,
+    saved_directory,
     sha256_hex,
     tensor_bytes,
-    write_atomically,
 )
 
 if TYPE_CHECKING:
@@ -79,7 +81,9 @@ class SavedLora:
 def save_lora(lora: "LORA", directory: str | os.PathLike) -> Path:
     """Write ``lora`` to ``directory`` (created if needed) as ``lora.safetensors`` + ``lora.json``.
 
-    Existing files of those names are replaced, each atomically.
+    The directory is replaced as a whole (`files.replace_directory`): if the save
+    is interrupted at any point, it loads as the complete old adapter or the
+    complete new one. Other files in it are kept.
 
     Examples:
         >>> save_lora(lora, "adapters/mlp")
@@ -87,9 +91,6 @@ def save_lora(lora: "LORA", directory: str | os.PathLike) -> Path:
     """
     from .. import __version__
 
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"`{directory}` is a file; `lora.save` needs a directory to write into.")
     data = tensor_bytes({"WA": lora.WA, "WB": lora.WB})
     sidecar = {
         "format": FORMAT,
@@ -99,8 +100,8 @@ def save_lora(lora: "LORA", directory: str | os.PathLike) -> Path:
         "tensors": {"WA": list(lora.WA.shape), "WB": list(lora.WB.shape)},
         "sha256": sha256_hex(data),
     }
-    write_atomically(directory, {TENSORS_FILE: data, SIDECAR_FILE: (json.dumps(sidecar, indent=2) + "\n").encode()})
-    return directory
+    files = {TENSORS_FILE: data, SIDECAR_FILE: (json.dumps(sidecar, indent=2) + "\n").encode()}
+    return replace_directory(directory, files, "`lora.save`")
 
 
 def load_lora(directory: str | os.PathLike, module: "Envoy", cls: type["LORA"] | None = None) -> "LORA":
@@ -158,6 +159,7 @@ def build_lora(saved: SavedLora, module: "Envoy", cls: type["LORA"]) -> "LORA":
 
 def read_saved_lora(directory: str | os.PathLike) -> SavedLora:
     """Read and check a saved adapter: every failure names the file at fault."""
+    directory = saved_directory(directory)  # the old copy, if a save was interrupted mid-swap
     directory = require_directory(directory, "a saved adapter (`lora.json` and `lora.safetensors`)", _HINT)
     sidecar_path = require_file(directory / SIDECAR_FILE, "the adapter's JSON sidecar", _set_hint(directory))
     tensors_path = require_file(directory / TENSORS_FILE, "the adapter's tensors", _HINT)
@@ -166,14 +168,21 @@ def read_saved_lora(directory: str | os.PathLike) -> SavedLora:
     check_adapter_fields(sidecar, f"`{sidecar_path}`")
     if not isinstance(sidecar.get("sha256"), str):
         raise ValueError(f"`{sidecar_path}`: field `sha256` should be a str, got {sidecar.get('sha256')!r}.")
+    # The header first: its names, shapes and dtypes must be the sidecar's before any data is read.
+    header = read_header(tensors_path, allow_short=True)  # a short file fails the checksum below
+    if set(header) != {"WA", "WB"}:
+        raise ValueError(f"`{tensors_path}` should hold exactly the tensors `WA` and `WB`, but holds {sorted(header)}.")
+    for name in ("WA", "WB"):
+        check_layout(sidecar, name, header[name], tensors_path, sidecar_path)
     tensors = read_checked_tensors(tensors_path, sidecar_path, sidecar["sha256"])
-    if set(tensors) != {"WA", "WB"}:
-        raise ValueError(f"`{tensors_path}` should hold exactly the tensors `WA` and `WB`, but holds {sorted(tensors)}.")
     return saved_lora(sidecar, tensors["WA"], tensors["WB"], tensors_path, sidecar_path)
 
 
 def read_checked_tensors(tensors_path: Path, sidecar_path: Path, sha256: str) -> dict[str, torch.Tensor]:
-    """The tensors of ``tensors_path``, once its bytes match the checksum ``sidecar_path`` recorded."""
+    """The tensors of ``tensors_path``, once its bytes match the checksum ``sidecar_path`` recorded.
+
+    Call `files.read_header` first: it refuses a file larger than its header describes.
+    """
     data = tensors_path.read_bytes()
     if sha256_hex(data) != sha256:
         raise ValueError(
@@ -192,20 +201,9 @@ def saved_lora(
     keys them by module path).
     """
     r, input_dim, output_dim = fields["r"], fields["input_dim"], fields["output_dim"]
-    dtype = getattr(torch, fields["dtype"])
-    for name, tensor, expected in (("WA", WA, (input_dim, r)), ("WB", WB, (r, output_dim))):
-        name = prefix + name
-        if tuple(tensor.shape) != expected:
-            raise ValueError(
-                f"`{tensors_path}`: tensor `{name}` has shape {tuple(tensor.shape)}, but "
-                f"`{sidecar_path}` says r={r}, input_dim={input_dim}, output_dim={output_dim}, "
-                f"so it should be {expected}. The two files do not belong together."
-            )
-        if tensor.dtype != dtype:
-            raise ValueError(
-                f"`{tensors_path}`: tensor `{name}` is {tensor.dtype}, but `{sidecar_path}` says {dtype}."
-            )
-        check_finite(tensor, name, tensors_path)
+    for name, tensor in (("WA", WA), ("WB", WB)):
+        check_layout(fields, prefix + name, tensor, tensors_path, sidecar_path)
+        check_finite(tensor, prefix + name, tensors_path)
     return SavedLora(
         r=r,
         input_dim=input_dim,
@@ -217,6 +215,23 @@ def saved_lora(
         WA=WA,
         WB=WB,
     )
+
+
+def check_layout(fields: dict[str, Any], name: str, tensor: Any, tensors_path: Path, sidecar_path: Path) -> None:
+    """Tensor ``name`` (``...WA`` or ``...WB``; a tensor, or a `files.TensorInfo` read from the
+    header) must have the shape and dtype the adapter's checked ``fields`` say."""
+    r, input_dim, output_dim = fields["r"], fields["input_dim"], fields["output_dim"]
+    expected = (input_dim, r) if name.endswith("WA") else (r, output_dim)
+    if tuple(tensor.shape) != expected:
+        raise ValueError(
+            f"`{tensors_path}`: tensor `{name}` has shape {tuple(tensor.shape)}, but "
+            f"`{sidecar_path}` says r={r}, input_dim={input_dim}, output_dim={output_dim}, "
+            f"so it should be {expected}. The two files do not belong together."
+        )
+    dtype = getattr(torch, fields["dtype"])
+    if tensor.dtype != dtype:
+        shown = tensor.dtype if tensor.dtype is not None else getattr(tensor, "code", "?")
+        raise ValueError(f"`{tensors_path}`: tensor `{name}` is {shown}, but `{sidecar_path}` says {dtype}.")
 
 
 def check_format(sidecar: dict[str, Any], path: Path, expected: str, newest: int, other_hint: str) -> None:
@@ -259,9 +274,17 @@ def check_adapter_fields(fields: Any, where: str) -> None:
             )
     if not is_number(fields.get("dropout")) or not 0.0 <= fields["dropout"] < 1.0:
         raise ValueError(f"{where}: field `dropout` should be a number in [0, 1), got {fields.get('dropout')!r}.")
+    from ..optim.lora import ADAPTER_DTYPES
+
     dtype = getattr(torch, fields["dtype"], None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"{where}: field `dtype` should name a floating torch dtype, got {fields['dtype']!r}.")
+    if dtype not in ADAPTER_DTYPES:
+        raise ValueError(
+            f"{where}: field `dtype` is {fields['dtype']!r}, which torch cannot train or multiply "
+            f"with; an adapter is one of {', '.join(_dtype_name(d) for d in ADAPTER_DTYPES)}. "
+            f"The file was not written by `lora.save`; write it again from the adapter."
+        )
 
 
 def _set_hint(directory: Path) -> str:

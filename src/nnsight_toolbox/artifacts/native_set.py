@@ -27,7 +27,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..optim.paths import envoy_at
-from .files import read_json, require_directory, require_file, sha256_hex, tensor_bytes, write_atomically
+from .files import (
+    read_header,
+    read_json,
+    replace_directory,
+    require_directory,
+    require_file,
+    saved_directory,
+    sha256_hex,
+    tensor_bytes,
+)
 from .native import (
     SavedLora,
     adapter_fields,
@@ -35,6 +44,7 @@ from .native import (
     check_adapter_fields,
     check_fits,
     check_format,
+    check_layout,
     read_checked_tensors,
     saved_lora,
 )
@@ -58,7 +68,9 @@ _HINT = "Save a set there with `adapters.save(directory)`."
 def save_lora_set(adapters: "LoraSet", directory: str | os.PathLike) -> Path:
     """Write every adapter of ``adapters`` to ``directory`` (created if needed).
 
-    Existing files of those names are replaced, each atomically.
+    The directory is replaced as a whole (`files.replace_directory`): if the save
+    is interrupted at any point, it loads as the complete old set or the
+    complete new one. Other files in it are kept.
 
     Examples:
         >>> save_lora_set(LORA.on(model, ["c_attn"], r=4), "adapters/set")
@@ -66,9 +78,6 @@ def save_lora_set(adapters: "LoraSet", directory: str | os.PathLike) -> Path:
     """
     from .. import __version__
 
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"`{directory}` is a file; `adapters.save` needs a directory to write into.")
     entries, tensors = [], {}
     for path, lora in adapters.items():
         relative = _relative(path, adapters.root_path)
@@ -82,8 +91,8 @@ def save_lora_set(adapters: "LoraSet", directory: str | os.PathLike) -> Path:
         "adapters": entries,
         "sha256": sha256_hex(data),
     }
-    write_atomically(directory, {SET_TENSORS_FILE: data, SET_SIDECAR_FILE: (json.dumps(sidecar, indent=2) + "\n").encode()})
-    return directory
+    files = {SET_TENSORS_FILE: data, SET_SIDECAR_FILE: (json.dumps(sidecar, indent=2) + "\n").encode()}
+    return replace_directory(directory, files, "`adapters.save`")
 
 
 def load_lora_set(directory: str | os.PathLike, model: "Envoy", cls: type["LoraSet"] | None = None) -> "LoraSet":
@@ -115,6 +124,7 @@ def load_lora_set(directory: str | os.PathLike, model: "Envoy", cls: type["LoraS
 
 def read_saved_set(directory: str | os.PathLike) -> list[SavedLora]:
     """Read and check a saved set: every failure names the file, and the adapter, at fault."""
+    directory = saved_directory(directory)  # the old copy, if a save was interrupted mid-swap
     directory = require_directory(directory, "a saved `LoraSet` (`lora_set.json` and `lora_set.safetensors`)", _HINT)
     sidecar_path = require_file(directory / SET_SIDECAR_FILE, "the set's JSON sidecar", _single_hint(directory))
     tensors_path = require_file(directory / SET_TENSORS_FILE, "the set's tensors", _HINT)
@@ -132,14 +142,19 @@ def read_saved_set(directory: str | os.PathLike) -> list[SavedLora]:
     if not isinstance(sidecar.get("sha256"), str):
         raise ValueError(f"`{sidecar_path}`: field `sha256` should be a str, got {sidecar.get('sha256')!r}.")
 
-    tensors = read_checked_tensors(tensors_path, sidecar_path, sidecar["sha256"])
+    # The header first: its names, shapes and dtypes must be the sidecar's before any data is read.
+    header = read_header(tensors_path, allow_short=True)  # a short file fails the checksum below
     expected = {f"{p}.{name}" for p in paths for name in ("WA", "WB")}
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if set(header) != expected:
+        missing, extra = sorted(expected - set(header)), sorted(set(header) - expected)
         raise ValueError(
             f"`{tensors_path}` does not hold the tensors `{sidecar_path}` lists: "
             f"missing {missing[:4] or 'none'}, unexpected {extra[:4] or 'none'}. The two files do not belong together."
         )
+    for entry, p in zip(entries, paths):
+        for name in ("WA", "WB"):
+            check_layout(entry, f"{p}.{name}", header[f"{p}.{name}"], tensors_path, sidecar_path)
+    tensors = read_checked_tensors(tensors_path, sidecar_path, sidecar["sha256"])
     return [
         saved_lora(entry, tensors[f"{p}.WA"], tensors[f"{p}.WB"], tensors_path, sidecar_path, prefix=f"{p}.")
         for entry, p in zip(entries, paths)

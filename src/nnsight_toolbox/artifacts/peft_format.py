@@ -43,14 +43,17 @@ from ..optim.activation import check_alpha
 from ..optim.dims import weight_dims
 from ..optim.paths import envoy_at
 from .files import (
+    TensorInfo,
     check_finite,
     is_number,
+    read_header,
     read_json,
     read_tensors,
+    replace_directory,
     require_directory,
     require_file,
+    saved_directory,
     tensor_bytes,
-    write_atomically,
 )
 from .layers import describe_module, hf_name, layer_kind
 
@@ -129,7 +132,10 @@ def export_peft(
         loras: One `LORA`, a list (any iterable) of them, or a mapping of
             path to `LORA`, all on modules of one model. Each must sit on an
             ``nn.Linear``, GPT-2 ``Conv1D`` or ``nn.Embedding``.
-        directory: Where to write (created if needed; the two files are replaced).
+        directory: Where to write (created if needed). The directory is replaced
+            as a whole: an interrupted export leaves it as the complete old
+            adapter or the complete new one, never a mix (PEFT's format has no
+            checksum to catch one). Other files in it are kept.
         alpha: The scale PEFT will apply, as ``lora(alpha)`` does. Written as
             ``lora_alpha = alpha * r`` (PEFT's scaling is ``lora_alpha / r``).
         base_model_name_or_path: Recorded in the config for ``AutoPeftModel``;
@@ -188,12 +194,8 @@ def export_peft(
         tensors[f"{KEY_PREFIX}{name}.{b}"] = lora.WB.detach().T  # (r, out) -> (out, r)
 
     config = _export_config(entries, alpha, root, base_model_name_or_path)
-    directory = Path(directory)
-    write_atomically(
-        directory,
-        {WEIGHTS_FILE: tensor_bytes(tensors), CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode()},
-    )
-    return directory
+    files = {WEIGHTS_FILE: tensor_bytes(tensors), CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode()}
+    return replace_directory(directory, files, "`export_peft`")
 
 
 def _as_list(loras: Any) -> list["LORA"]:
@@ -290,8 +292,11 @@ class _Target:
     """One adapted module, checked against the model, before any adapter is built."""
 
     envoy: "Envoy"
+    name: str  # the Hugging Face module name
     r: int
     scale: float
+    scale_source: str  # the config setting that gave the alpha, for errors
+    config_path: Path
     A: torch.Tensor  # (r, in), or (r, V) for an embedding
     B: torch.Tensor  # (out, r), or (dim, r)
 
@@ -348,19 +353,38 @@ def import_peft(model: "Envoy", directory: str | os.PathLike, *, dtype: torch.dt
         )
     _check_dtype(dtype)
     settings, targets = _read_peft_adapter(model, Path(directory))
+    factors = [_factors(target, dtype) for target in targets]  # all checked before any adapter is built
     loras: list[LORA] = []
-    for target in targets:
+    for target, (WA, WB) in zip(targets, factors):
         lora = LORA(target.envoy, target.r, dropout=settings.dropout, dtype=dtype)
         with torch.no_grad():
-            lora.WA.copy_(target.A.T.to(dtype))  # (r, in) -> (in, r)
-            lora.WB.copy_((target.B.T.to(torch.float64) * target.scale).to(dtype))  # (out, r) -> (r, out), scaled
+            lora.WA.copy_(WA)
+            lora.WB.copy_(WB)
         loras.append(lora)
     return LoraSet(loras).eval()  # as PEFT loads an adapter: dropout off, in every adapter of the set
 
 
+def _factors(target: _Target, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(WA, WB)`` in ``dtype`` with PEFT's scale folded into ``WB``; refused if that overflows."""
+    WA = target.A.T.to(dtype)  # (r, in) -> (in, r)
+    WB = (target.B.T.to(torch.float64) * target.scale).to(dtype)  # (out, r) -> (r, out), scaled
+    if not bool(torch.isfinite(WB).all()):
+        raise ValueError(
+            f"`{target.config_path}`: {target.scale_source} makes PEFT's scale for `{target.name}` "
+            f"{target.scale:g}, and `lora_B` times that scale overflows {dtype} (the imported "
+            f"adapter would output infinities). The config is damaged, or the adapter diverged; "
+            f"PEFT would compute infinities with it too."
+        )
+    return WA, WB
+
+
 def _read_peft_adapter(model: "Envoy", directory: Path) -> tuple["_Settings", list[_Target]]:
-    """Every check of a PEFT adapter directory against ``model``, in module order."""
+    """Every check of a PEFT adapter directory against ``model``, in module order.
+
+    Shapes are checked against the safetensors header before any tensor data is read.
+    """
     hint = "A PEFT LoRA adapter directory holds `adapter_config.json` and `adapter_model.safetensors`."
+    directory = saved_directory(directory)  # the old copy, if an export was interrupted mid-swap
     directory = require_directory(directory, "a PEFT adapter", hint)
     config_path = require_file(directory / CONFIG_FILE, "the adapter's PEFT config", hint)
     weights_path = directory / WEIGHTS_FILE
@@ -373,12 +397,13 @@ def _read_peft_adapter(model: "Envoy", directory: Path) -> tuple["_Settings", li
     require_file(weights_path, "the adapter's tensors", hint)
     config = read_json(config_path)
     settings = _check_config(config, config_path)
-    tensors = read_tensors(weights_path)
+    header = read_header(weights_path)  # no tensor data yet: a file larger than its header is refused
 
-    groups: dict[str, dict[str, torch.Tensor]] = {}
+    groups: dict[str, dict[str, TensorInfo]] = {}
+    keys: dict[tuple[str, str], str] = {}  # (name, role) -> the key that supplied it
     kinds: dict[str, bool] = {}  # name -> is an embedding pair
     strays = []
-    for key, tensor in tensors.items():
+    for key, info in header.items():
         match = _KEY.match(key)
         if match is None:
             strays.append(key)
@@ -387,7 +412,14 @@ def _read_peft_adapter(model: "Envoy", directory: Path) -> tuple["_Settings", li
         name = match["name"]
         if embedding is not None and kinds.setdefault(name, embedding) != embedding:
             raise ValueError(f"`{weights_path}` mixes Linear and Embedding LoRA tensors for `{name}`.")
-        groups.setdefault(name, {})[role] = tensor
+        if (name, role) in keys:  # with and without the `base_model.model.` prefix
+            raise ValueError(
+                f"`{weights_path}` holds both `{keys[name, role]}` and `{key}`, which name the same "
+                f"tensor of `{name}`; whichever is read last would win, and the order is not fixed. "
+                f"Keep one of the two (PEFT writes keys with the `{KEY_PREFIX}` prefix)."
+            )
+        keys[name, role] = key
+        groups.setdefault(name, {})[role] = info
     if strays:
         dora = any("lora_magnitude_vector" in key for key in strays)
         raise ValueError(
@@ -413,7 +445,11 @@ def _read_peft_adapter(model: "Envoy", directory: Path) -> tuple["_Settings", li
                 f"`{weights_path}` holds a base weight for `{name}` (`{name}.base_layer.weight`) "
                 f"but no LoRA tensors for it; only a module that is adapted may carry one."
             )
-        targets.append(_check_target(envoy_at(model, name), name, groups[name], kinds[name], settings, weights_path))
+        _check_layout(envoy_at(model, name), name, groups[name], kinds[name], settings, weights_path, keys)
+    tensors = read_tensors(weights_path)  # every shape fits the model: the file is as small as they are
+    for name in sorted(groups, key=order.__getitem__):
+        pair = {role: tensors[keys[name, role]] for role in groups[name]}
+        targets.append(_check_target(envoy_at(model, name), name, pair, settings, weights_path, config_path, keys))
     return settings, targets
 
 
@@ -426,19 +462,21 @@ class _Settings:
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
 
-    def rank_and_scale(self, name: str) -> tuple[int, float]:
-        """PEFT's rank and scaling for module ``name``."""
-        r = _pattern_value(self.rank_pattern, name, self.r)
-        lora_alpha = _pattern_value(self.alpha_pattern, name, self.lora_alpha)
-        return r, lora_alpha / (math.sqrt(r) if self.use_rslora else r)
+    def rank_and_scale(self, name: str) -> tuple[int, float, str]:
+        """PEFT's rank and scaling for module ``name``, and which setting gave the alpha."""
+        r, _ = _pattern_value(self.rank_pattern, name, self.r)
+        lora_alpha, key = _pattern_value(self.alpha_pattern, name, self.lora_alpha)
+        source = f"`alpha_pattern` {key!r}: {lora_alpha!r}" if key is not None else f"`lora_alpha`={lora_alpha!r}"
+        return r, lora_alpha / (math.sqrt(r) if self.use_rslora else r), source
 
 
-def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rule: the first key whose regex matches the end of ``name`` at a dot boundary."""
+def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> tuple[Any, str | None]:
+    """PEFT's rule: the value of the first key whose regex matches the end of ``name``
+    at a dot boundary, and that key (``None``: no key matched, ``default``)."""
     for key, value in pattern.items():
         if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
-            return value
-    return default
+            return value, key
+    return default, None
 
 
 def _check_config(config: dict[str, Any], path: Path) -> _Settings:
@@ -486,23 +524,30 @@ def _check_config(config: dict[str, Any], path: Path) -> _Settings:
         ok = isinstance(pattern, dict) and all(isinstance(k, str) and is_number(v) for k, v in pattern.items())
         if not ok:
             raise ValueError(f"`{path}`: `{key}` should map module-name patterns to numbers, got {pattern!r}.")
-        for k in pattern:
+        for k, v in pattern.items():
             try:
                 re.compile(k)
             except re.error as error:
                 raise ValueError(f"`{path}`: `{key}` key {k!r} is not a valid regular expression ({error}).") from error
+            if key == "rank_pattern" and (not isinstance(v, int) or v < 1):
+                raise ValueError(
+                    f"`{path}`: `rank_pattern` gives {k!r} the rank {v!r}, but a rank must be a "
+                    f"positive int (PEFT divides by it). Fix the entry, or drop it to use `r`={r}."
+                )
         patterns[key] = pattern
     return _Settings(r, float(lora_alpha), use_rslora, float(dropout), patterns["rank_pattern"], patterns["alpha_pattern"])
 
 
-def _check_target(
+def _check_layout(
     envoy: "Envoy",
     name: str,
-    pair: dict[str, torch.Tensor],
+    pair: dict[str, TensorInfo],
     embedding: bool,
     settings: _Settings,
     path: Path,
-) -> _Target:
+    keys: dict[tuple[str, str], str],
+) -> None:
+    """One module's tensors, as the header describes them, must fit the model and the config."""
     names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
     for role, tensor_name in zip("AB", names):
         if role not in pair:
@@ -514,28 +559,44 @@ def _check_target(
             f"`{path}` holds {names[0]} tensors for `{name}`, which need {expected}, but the "
             f"model's module there is {describe_module(envoy)}. Was the adapter trained on another model?"
         )
-    r, scale = settings.rank_and_scale(name)
+    r, _, _ = settings.rank_and_scale(name)
     dims = weight_dims(envoy._module)
     expected_shapes = {"A": (r, dims.input_dim), "B": (dims.output_dim, r)}
-    for role, tensor_name in zip("AB", names):
-        tensor = pair[role]
-        full = f"{KEY_PREFIX}{name}.{tensor_name}"
-        if tuple(tensor.shape) != expected_shapes[role]:
+    for role in "AB":
+        info, full = pair[role], keys[name, role]
+        if tuple(info.shape) != expected_shapes[role]:
             raise ValueError(
-                f"`{path}`: tensor `{full}` has shape {tuple(tensor.shape)}, but the model's "
+                f"`{path}`: tensor `{full}` has shape {tuple(info.shape)}, but the model's "
                 f"{kind} `{name}` with r={r} (from the config) needs {expected_shapes[role]}. "
                 f"Was the adapter trained on another model, or is the config from another adapter?"
             )
-        if not tensor.is_floating_point():
-            raise ValueError(f"`{path}`: tensor `{full}` is {tensor.dtype}, not floating point.")
-        check_finite(tensor, full, path)
+        if not info.is_floating_point():
+            raise ValueError(f"`{path}`: tensor `{full}` is {info.dtype or info.code}, not floating point.")
+    if "base" in pair:
+        _check_saved_base_shape(envoy, name, pair["base"], path)
+
+
+def _check_target(
+    envoy: "Envoy",
+    name: str,
+    pair: dict[str, torch.Tensor],
+    settings: _Settings,
+    path: Path,
+    config_path: Path,
+    keys: dict[tuple[str, str], str],
+) -> _Target:
+    """One module's tensors, read after `_check_layout` passed: finite, and a base weight that is the model's."""
+    for role in "AB":
+        check_finite(pair[role], keys[name, role], path)
     if "base" in pair:
         _check_saved_base_weight(envoy, name, pair["base"], path)
-    return _Target(envoy=envoy, r=r, scale=scale, A=pair["A"], B=pair["B"])
+    r, scale, source = settings.rank_and_scale(name)
+    return _Target(
+        envoy=envoy, name=name, r=r, scale=scale, scale_source=source, config_path=config_path, A=pair["A"], B=pair["B"]
+    )
 
 
-def _check_saved_base_weight(envoy: "Envoy", name: str, saved: torch.Tensor, path: Path) -> None:
-    """A base weight PEFT saved beside the adapter must be the model's own weight."""
+def _check_saved_base_shape(envoy: "Envoy", name: str, saved: TensorInfo, path: Path) -> None:
     weight = envoy._module.weight
     key = f"{KEY_PREFIX}{name}.base_layer.weight"
     if tuple(saved.shape) != tuple(weight.shape):
@@ -544,6 +605,12 @@ def _check_saved_base_weight(envoy: "Envoy", name: str, saved: torch.Tensor, pat
             f"has {tuple(weight.shape)}: the adapter was trained with a resized vocabulary. "
             f"Resize the model's embeddings the same way before importing it."
         )
+
+
+def _check_saved_base_weight(envoy: "Envoy", name: str, saved: torch.Tensor, path: Path) -> None:
+    """A base weight PEFT saved beside the adapter must be the model's own weight."""
+    weight = envoy._module.weight
+    key = f"{KEY_PREFIX}{name}.base_layer.weight"
     if weight.is_meta:
         warnings.warn(
             f"`{path}` carries the base weight of `{name}` (PEFT saves it for targeted "

@@ -66,19 +66,32 @@ class Activation:
     """One adapter switched on by one invoke of one run.
 
     Holds the mediator and its worker weakly: both belong to nnsight's run, and
-    an activation must never keep a finished run alive.
+    an activation must never keep a finished run alive. Holds the adapter
+    weakly too: the module's controller (and this activation on it) stays until
+    the module next runs, and a user who deletes the adapter before that must
+    get its memory, and its gradients', back. The run keeps the adapter alive
+    while it lasts instead: its worker greenlet holds it, and nnsight drops the
+    worker when the run ends (`Interleaver.cancel`).
     """
 
-    __slots__ = ("adapter", "alpha", "steps", "mediator", "worker", "root_input", "calls", "calls_pass")
+    __slots__ = ("_adapter", "alpha", "steps", "mediator", "worker", "root_input", "calls", "calls_pass")
 
     def __init__(self, adapter: Any, alpha: float, steps: Any, mediator: "Mediator", root_input: str) -> None:
-        self.adapter = adapter
+        self._adapter = weakref.ref(adapter)
+        worker = mediator.worker
+        kept = worker.__dict__.setdefault("nnsight_toolbox_adapters", [])  # greenlets take attributes
+        kept.append(adapter)
         self.alpha = alpha
         self.steps = steps  # None (every pass) or a container of pass indices
         self.mediator = weakref.ref(mediator)
-        self.worker = weakref.ref(mediator.worker)
+        self.worker = weakref.ref(worker)
         self.root_input = root_input  # the root module's input location, to count passes
         self.calls, self.calls_pass = 1, None  # repeat calls within one pass (see `MAX_CALLS_PER_PASS`)
+
+    @property
+    def adapter(self) -> Any:
+        """The adapter; alive while the run is (its worker holds it), ``None`` once it was deleted after."""
+        return self._adapter()
 
     def live_mediator(self, interleaver: "Interleaver") -> "Mediator | None":
         """The mediator, if it is still running in ``interleaver``'s current run."""
@@ -302,9 +315,17 @@ def normalize_steps(steps: Steps) -> Any:
     if steps is None:
         return None
     if isinstance(steps, slice):
-        if (steps.start or 0) < 0 or (steps.stop is not None and steps.stop < 0):
+        start, stop, step = steps.start, steps.stop, steps.step
+        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (start, stop, step)):
+            raise ValueError(f"`steps` as a slice takes ints (or None), got {steps!r}. Pass e.g. `slice(1, None)`.")
+        if (start or 0) < 0 or (stop is not None and stop < 0):
             raise ValueError(f"`steps` cannot hold negative steps, got {steps!r}.")
-        return range(steps.start or 0, sys.maxsize if steps.stop is None else steps.stop, steps.step or 1)
+        if step is not None and step < 1:  # `step or 1` would read 0 as 1; a negative step picks no pass
+            raise ValueError(
+                f"`steps` as a slice needs a positive step, got {steps!r}. Pass e.g. "
+                f"`slice(0, 10, 2)` for every other pass, or `slice(0, 10)` for each."
+            )
+        return range(start or 0, sys.maxsize if stop is None else stop, step or 1)
     if isinstance(steps, range):
         return steps
     if isinstance(steps, int) and not isinstance(steps, bool):

@@ -217,6 +217,10 @@ class LoraSet(Optimization, Mapping):
         records each adapter's rank, widths, dtype and dropout. Load it back
         with `LoraSet.load`; for PEFT's format use `export_peft(adapters, ...)`.
 
+        The directory is replaced as a whole: a save interrupted at any point
+        (Ctrl-C, a crash, a full disk) leaves it loading as the complete old set
+        or the complete new one. Other files in it are kept.
+
         Examples:
             >>> adapters = LORA.on(model, ["c_attn"], r=4)
             >>> adapters.save("adapters/attention")

@@ -41,6 +41,9 @@ __all__ = ["LORA"]
 #: matmul (``addmm``): it saves a pass over the output, which outweighs the cost of
 #: the reshapes ``addmm`` needs. Below it (one token at a time, in generation) it does not.
 FUSE_MIN_ELEMENTS = 1 << 14
+#: The dtypes an adapter may have: those torch trains and multiplies in. The
+#: float8 dtypes are floating point too, but torch has no matmul for them.
+ADAPTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class LORA(Optimization):
@@ -159,6 +162,10 @@ class LORA(Optimization):
         >>> LORA(model.transformer.wte, r=8).takes_ids
         True
     """
+
+    # The merge record belongs to this object alone: a copy is never merged, so
+    # exactly one object can take a merge back out (see `Optimization.__deepcopy__`).
+    _not_copied = ("_merge_record",)
 
     def __init__(
         self,
@@ -403,6 +410,9 @@ class LORA(Optimization):
         """Save the adapter to ``directory``: ``lora.safetensors`` plus a ``lora.json`` sidecar.
 
         Works for any target, blocks included. Load it back with `LORA.load`.
+        The directory is replaced as a whole: a save interrupted at any point
+        (Ctrl-C, a crash, a full disk) leaves it loading as the complete old
+        adapter or the complete new one. Other files in it are kept.
 
         Examples:
             >>> lora.save("adapters/mlp")
@@ -472,9 +482,11 @@ class LORA(Optimization):
     def unmerge(self) -> None:
         """Take the merged delta back out: the weight returns to its exact original bits.
 
-        If the weight changed since the merge (say, another adapter was merged into
-        the same layer after this one), the delta is subtracted in float32 instead,
-        with a warning; that is exact only up to rounding.
+        If the weight changed since the merge in any bit (say, another adapter was
+        merged into the same layer after this one), the delta is subtracted in
+        float32 instead, with a warning; that is exact only up to rounding. Only
+        the adapter that merged can unmerge: a copy of it (``copy.deepcopy``) is
+        not merged, so the delta never leaves twice.
 
         Examples:
             >>> c_fc = LORA(model.transformer.h[0].mlp.c_fc, r=8)
@@ -531,8 +543,13 @@ def _check_dropout(dropout: Any) -> None:
 
 
 def _check_dtype(dtype: Any) -> None:
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"`dtype` must be a floating torch dtype such as `torch.float32`, got {dtype!r}.")
+    if not isinstance(dtype, torch.dtype) or dtype not in ADAPTER_DTYPES:
+        raise TypeError(
+            f"`dtype` must be a floating torch dtype that torch trains and multiplies in: "
+            f"`torch.float32`, `torch.bfloat16`, `torch.float16` or `torch.float64`, got {dtype!r}. "
+            f"For a float8 or quantized model keep the adapter in float32 (the default): "
+            f"its delta is added in the adapter's dtype and cast to the output's."
+        )
 
 
 def _resolve_dims(module: "Envoy", input_dim: int | None, output_dim: int | None) -> ModuleDims:

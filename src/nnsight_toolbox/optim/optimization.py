@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..remote import check_shippable
+from ..remote import _pickled_for_nnsight_server, check_shippable
 
 
 class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
@@ -73,21 +73,75 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
         """
         return list(torch.nn.Module.parameters(self, recurse))
 
-    def __reduce_ex__(self, protocol: int) -> Any:
-        """Pickle as any module; for a remote request, first check the server can rebuild the class.
+    #: Attributes that belong to this object alone: a copy (``copy.copy``,
+    #: ``copy.deepcopy``, a remote request's) starts with ``None`` there. `LORA`
+    #: names its merge record, so exactly one object can take a merge back out.
+    _not_copied: tuple[str, ...] = ()
 
-        See `nnsight_toolbox.remote.check_shippable`: a clear error here beats a
-        bare ``ModuleNotFoundError`` from the server.
+    def __reduce_ex__(self, protocol: int) -> Any:
+        """Pickle for a remote request (nnsight's serializer); refuse plain pickling.
+
+        An intervention holds the nnsight Envoy of its module, and through it
+        the whole model, its interleaver and weak references, so ``pickle`` and
+        ``torch.save`` cannot write it. nnsight's remote serializer can: it sends
+        the Envoy as a reference to the server's copy of the model. There, the
+        class must first be shippable (`nnsight_toolbox.remote.check_shippable`):
+        a clear error here beats a bare ``ModuleNotFoundError`` from the server.
+
+        Examples:
+            >>> import pickle
+            >>> pickle.dumps(lora)
+            Traceback (most recent call last):
+            ...
+            TypeError: A `LORA` cannot be pickled: ...
+            >>> torch.save(lora.state_dict(), "weights.pt")   # the tensors pickle; or `lora.save(directory)`
         """
+        if _holds_envoy(self) and not _pickled_for_nnsight_server():
+            raise TypeError(
+                f"A `{type(self).__name__}` cannot be pickled: it holds the nnsight Envoy of the "
+                f"module it acts on, and through it the whole model, which `pickle` and "
+                f"`torch.save` cannot write. Save the adapter instead: `lora.save(directory)` and "
+                f"`LORA.load(directory, module)` (`adapters.save` / `LoraSet.load` for a set), or "
+                f"pickle its tensors, `state_dict()`, and load them into a new adapter with "
+                f"`load_state_dict`. `copy.deepcopy` copies it in memory, and remote traces "
+                f"(`remote=True`) send it as usual."
+            )
         check_shippable(self)
-        return object.__reduce_ex__(self, protocol)
+        reduced = object.__reduce_ex__(self, protocol)
+        if not self._not_copied or not isinstance(reduced[2], dict):
+            return reduced
+        state = {**reduced[2], **{name: None for name in self._not_copied if name in reduced[2]}}
+        return (*reduced[:2], state, *reduced[3:])
+
+    def __copy__(self) -> "Optimization":
+        """A shallow copy: the same parameters and model, without the attributes in `_not_copied`.
+
+        Examples:
+            >>> import copy
+            >>> copy.copy(lora).WA is lora.WA
+            True
+        """
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        for name in self._not_copied:
+            if name in clone.__dict__:
+                clone.__dict__[name] = None
+        return clone
 
     def __deepcopy__(self, memo: dict) -> "Optimization":
         """Copy the parameters but keep pointing at the same model.
 
         An intervention holds the nnsight Envoy it acts on; a deep copy of that
         would copy the whole model. ``copy.deepcopy(lora)`` is a snapshot of the
-        adapter, so the model is shared instead.
+        adapter, so the model is shared instead. Attributes named in
+        `_not_copied` start as ``None`` in the copy: a snapshot of a merged
+        `LORA` is not merged, and only the original can `LORA.unmerge`.
+
+        Examples:
+            >>> import copy
+            >>> snapshot = copy.deepcopy(lora)
+            >>> snapshot.module is lora.module, snapshot.WA is lora.WA
+            (True, False)
         """
         for value in self.__dict__.values():
             if _is_envoy(value):
@@ -95,8 +149,12 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         for name, value in self.__dict__.items():
-            clone.__dict__[name] = copy.deepcopy(value, memo)
+            clone.__dict__[name] = None if name in self._not_copied else copy.deepcopy(value, memo)
         return clone
+
+
+def _holds_envoy(obj: "Optimization") -> bool:
+    return any(_is_envoy(value) for value in obj.__dict__.values())
 
 
 def _is_envoy(value: Any) -> bool:
