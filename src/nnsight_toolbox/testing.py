@@ -121,12 +121,20 @@ def save_tiny_model(family: str, folder: str | Path, *, seed: int = 0, dtype: to
     return str(folder)
 
 
-def load_tiny_model(family: str = "gpt2", folder: str | Path | None = None, *, seed: int = 0, dispatch: bool = True, **config: Any) -> Any:
+def load_tiny_model(
+    family: str = "gpt2",
+    folder: str | Path | None = None,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    dispatch: bool = True,
+    **config: Any,
+) -> Any:
     """A tiny random-weight model of ``family``, saved to ``folder`` and loaded as nnsight's `TransformersModel`.
 
     The one-line version of `save_tiny_model` followed by
     ``TransformersModel(folder, task="text-generation", tokenizer=..., dispatch=True)``,
-    the class nnsight 0.8 recommends. With no ``folder``, a fresh temporary one
+    the class nnsight 0.8 recommends (returned as one). With no ``folder``, a fresh temporary one
     is used; ``model.repo_id`` is the folder either way. The same ``seed`` and
     ``config`` give the same weights. transformers' progress bars stay quiet.
 
@@ -134,6 +142,7 @@ def load_tiny_model(family: str = "gpt2", folder: str | Path | None = None, *, s
         family: One of `FAMILIES`.
         folder: Where to save the model; a new temporary folder if omitted.
         seed: Seeds the random weights.
+        dtype: The dtype of the weights, e.g. ``torch.bfloat16``.
         dispatch: Load the weights now (the default), or leave the model on the
             meta device until its first trace, as nnsight does without ``dispatch``.
         **config: Overrides for `tiny_config`, e.g. ``hidden=64``.
@@ -155,7 +164,7 @@ def load_tiny_model(family: str = "gpt2", folder: str | Path | None = None, *, s
 
     if folder is None:
         folder = tempfile.mkdtemp(prefix=f"tiny-{family}-")
-    path = save_tiny_model(family, folder, seed=seed, **config)
+    path = save_tiny_model(family, folder, seed=seed, dtype=dtype, **config)
     with _no_progress_bars():  # "Loading weights"
         return TransformersModel(path, task="text-generation", tokenizer=AutoTokenizer.from_pretrained(path), dispatch=dispatch)
 

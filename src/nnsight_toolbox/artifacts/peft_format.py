@@ -310,7 +310,7 @@ def import_peft(model: "Envoy", directory: str | os.PathLike, *, dtype: torch.dt
 
     Args:
         model: The nnsight model the adapter was trained on (its root, e.g.
-            ``LanguageModel(...)``), loaded or not.
+            ``TransformersModel(...)``), loaded or not.
         directory: A PEFT LoRA adapter directory, written by PEFT's
             ``save_pretrained`` or by `export_peft`.
         dtype: The adapters' dtype; float32 as PEFT computes by default.

@@ -511,7 +511,7 @@ def _check_envoy(module: Any) -> None:
         raise TypeError(
             f"`LORA` needs the nnsight Envoy of a module, but got a raw "
             f"`{type(module).__name__}`. Wrap the model with nnsight and pass the "
-            f"module through it: `model = LanguageModel(hf_model, tokenizer=tokenizer)` "
+            f"module through it: `model = TransformersModel(hf_model, task='text-generation', tokenizer=tokenizer)` "
             f"(or `NNsight(torch_model)`), then `LORA(model.transformer.h[0].mlp, r=8)`."
         )
     raise TypeError(
