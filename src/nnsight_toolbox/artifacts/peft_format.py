@@ -295,7 +295,7 @@ class _Target:
     B: torch.Tensor  # (out, r), or (dim, r)
 
 
-def import_peft(model: "Envoy", directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> "LoraSet":
+def import_peft(model: Envoy, directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> LoraSet:
     """Adapters that reproduce a PEFT LoRA adapter inside nnsight traces.
 
     Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (never a

@@ -82,7 +82,7 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
         check_shippable(self)
         return object.__reduce_ex__(self, protocol)
 
-    def __deepcopy__(self, memo: dict) -> "Optimization":
+    def __deepcopy__(self, memo: dict) -> Optimization:
         """Copy the parameters but keep pointing at the same model.
 
         An intervention holds the nnsight Envoy it acts on; a deep copy of that
