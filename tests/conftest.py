@@ -8,7 +8,6 @@ package: if `LORA` and the hook agree, the package computes what LoRA means.
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import pytest
 import torch
@@ -17,7 +16,15 @@ from transformers import AutoTokenizer
 
 from nnsight_toolbox.testing import save_tiny_model
 
-warnings.filterwarnings("ignore", message=".*LanguageModel.*")
+
+def pytest_configure(config):
+    # The fixtures below load with `LanguageModel`, on purpose: nnsight 0.8
+    # deprecates it but users still write it, and the package must keep working
+    # with it. The documentation and its examples use `TransformersModel`; their
+    # tests turn nnsight's deprecation warnings into errors with a
+    # `pytest.mark.filterwarnings`, which takes precedence over this line.
+    config.addinivalue_line("filterwarnings", "ignore:LanguageModel is deprecated:FutureWarning")
+
 
 #: Per family: an MLP block, a Linear (or Conv1D) inside it that is not square,
 #: a decoder layer, and an attention module (whose output is a tuple).

@@ -22,8 +22,9 @@ pytest.importorskip("mkdocstrings_handlers.python", reason="the docs build needs
 from public_api import ROOT, has_examples, public_objects  # noqa: E402  (needs griffe, from the `docs` extra)
 
 
-def build(config: Path, site: Path) -> subprocess.CompletedProcess:
+def build(config: Path, site: Path, *, notebooks: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # a theme banner, not a build warning
+    env["DOCS_EXECUTE_NOTEBOOKS"] = "true" if notebooks else "false"  # mkdocs.yml reads it
     command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config), "--site-dir", str(site)]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
@@ -33,7 +34,9 @@ def site(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("site")
     result = build(ROOT / "mkdocs.yml", folder)
     assert result.returncode == 0, f"`mkdocs build --strict` failed:\n{result.stdout}\n{result.stderr}"
-    assert "WARNING" not in result.stderr, result.stderr
+    # mkdocs's own warnings start their line; the notebook kernel's "[IPKernelApp] WARNING |
+    # Kernel is running over TCP without encryption" is about its local sockets, not the site.
+    assert not re.search(r"^WARNING\b", result.stderr, flags=re.M), result.stderr
     return folder
 
 
@@ -42,6 +45,28 @@ def anchors(site: Path) -> set[str]:
     for page in (site / "api").rglob("*.html"):
         found.update(re.findall(r'id="([\w.]+)"', page.read_text()))
     return found
+
+
+NOTEBOOK_PAGES = {
+    "examples/paris_walkthrough/index.html": ("with LoRA:    &#39; Paris&#39;", "with LoRA:    ' Paris'"),
+    "examples/what_the_adapter_learned/index.html": ("the adapted model answers",),
+}
+
+
+@pytest.mark.parametrize("page", sorted(NOTEBOOK_PAGES))
+def test_the_notebooks_are_pages_with_their_outputs(site, page):
+    """Executed when the site is built: their printed results and plots are on the page."""
+    html = (site / page).read_text()
+    assert any(text in html for text in NOTEBOOK_PAGES[page]), f"{page} does not show the notebook's printed result"
+    assert "data:image/png;base64," in html, f"{page} shows no plot"
+    for noise in ("Loading weights", "Writing model shards", "deprecated"):
+        assert noise not in html, f"{page} shows {noise!r}"
+
+
+def test_the_notebook_pages_are_the_notebooks_of_examples():
+    linked = {p.name: p.resolve() for p in (ROOT / "docs" / "examples").glob("*.ipynb")}
+    notebooks = {p.name: p.resolve() for p in (ROOT / "examples").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts}
+    assert linked == notebooks, "docs/examples/ should link every notebook of examples/ (relative symlinks)"
 
 
 def test_every_public_name_has_an_entry_in_the_api_reference(site):
@@ -74,6 +99,6 @@ def test_a_broken_reference_fails_the_build(tmp_path):
     (tmp_path / "src").symlink_to(ROOT / "src", target_is_directory=True)
     index = tmp_path / "docs" / "index.md"
     index.write_text(index.read_text() + "\nSee [`LORA.merge`][nnsight_toolbox.LORA.no_such_method].\n")
-    result = build(tmp_path / "mkdocs.yml", tmp_path / "site")
+    result = build(tmp_path / "mkdocs.yml", tmp_path / "site", notebooks=False)
     assert result.returncode != 0
     assert "nnsight_toolbox.LORA.no_such_method" in result.stderr

@@ -2,10 +2,11 @@
 
 The examples follow nnsight's convention: they run inside a trace and assume
 a few names, as docs/api/index.md tells the reader. Here those names are:
-``torch``, ``LORA``, ``Optimization``, ``LanguageModel``, ``AutoTokenizer``,
-``model`` (the tiny offline GPT-2, hidden width 32) and
-``lora = LORA(model.transformer.h[0].mlp, r=8)``, plus the globals of the
-example's own module.
+``torch``, ``LORA``, ``LoraSet``, ``Optimization``, ``TransformersModel``,
+``AutoTokenizer``, ``model`` (the tiny offline GPT-2, hidden width 32, loaded
+with ``TransformersModel``), ``lora = LORA(model.transformer.h[0].mlp, r=8)``
+and ``adapters = LoraSet.on(model, ["c_attn"], r=4)``, plus the globals of the
+example's own module. A deprecation warning from nnsight fails the example.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import importlib
 
 import pytest
 import torch
-from nnsight import LanguageModel
+from nnsight import TransformersModel
 from transformers import AutoTokenizer
 
 from nnsight_toolbox import LORA, LoraSet, Optimization
@@ -34,20 +35,28 @@ def module_of(obj) -> str:
     return obj.path
 
 
+@pytest.fixture
+def model(model_paths) -> TransformersModel:
+    """The tiny GPT-2, loaded as the docs load it."""
+    path = model_paths["gpt2"]
+    return TransformersModel(path, task="text-generation", tokenizer=AutoTokenizer.from_pretrained(path), dispatch=True)
+
+
+@pytest.mark.filterwarnings("error::nnsight.NNsightDeprecationWarning")
 @pytest.mark.parametrize("obj", EXAMPLES, ids=lambda obj: obj.path)
-def test_docstring_example_runs(obj, gpt2, tmp_path, monkeypatch):
+def test_docstring_example_runs(obj, model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = dict(vars(importlib.import_module(module_of(obj))))
     namespace.update(
         torch=torch,
         LORA=LORA,
         Optimization=Optimization,
-        LanguageModel=LanguageModel,
+        TransformersModel=TransformersModel,
         AutoTokenizer=AutoTokenizer,
-        model=gpt2,
-        lora=LORA(gpt2.transformer.h[0].mlp, r=8),
+        model=model,
+        lora=LORA(model.transformer.h[0].mlp, r=8),
         LoraSet=LoraSet,
-        adapters=LoraSet.on(gpt2, ["c_attn"], r=4),
+        adapters=LoraSet.on(model, ["c_attn"], r=4),
     )
     text = obj.docstring.value.replace("/tmp/", f"{tmp_path}/")
     if "remote=True" in text:

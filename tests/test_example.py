@@ -1,4 +1,4 @@
-"""The Paris example runs offline and prints " Paris" only for the adapted invoke."""
+"""The Paris example runs offline, prints " Paris" only for the adapted invoke, and warns of nothing deprecated."""
 
 import subprocess
 import sys
@@ -13,3 +13,5 @@ def test_the_paris_example_completes_with_paris_only_when_adapted():
     lines = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
     assert lines["with LoRA"].strip() == "' Paris'"
     assert lines["without LoRA"].strip() != "' Paris'"
+    assert "deprecated" not in result.stderr.lower(), result.stderr[-3000:]
+    assert "Writing model shards" not in result.stderr and "Loading weights" not in result.stderr, "transformers' load bars should be quiet"

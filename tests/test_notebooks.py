@@ -71,6 +71,27 @@ def check_study(notebook) -> None:
     assert figures(notebook) >= 3
 
 
+def all_output_text(notebook) -> list[tuple[int, str]]:
+    """(cell number, text) of every stream and every plain-text result."""
+    found = []
+    for number, cell in enumerate(notebook.cells, start=1):
+        for output in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            text = output.get("text", "") if output.output_type == "stream" else output.get("data", {}).get("text/plain", "")
+            found.append((number, text if isinstance(text, str) else "".join(text)))
+    return found
+
+
+def check_quiet(notebook, name: str) -> None:
+    """Only training shows progress: no deprecation, no load bars, no printed model tree."""
+    for number, text in all_output_text(notebook):
+        assert "deprecated" not in text.lower(), f"{name}, cell {number} warns of something deprecated:\n{text[-2000:]}"
+        for noise in ("Writing model shards", "Loading weights"):
+            assert noise not in text, f"{name}, cell {number} shows transformers' {noise!r} bar"
+        assert not text.startswith(("GPT2LMHeadModel(", "TransformersModel(", "LanguageModel(")), (
+            f"{name}, cell {number} prints the whole model: end the cell with `;`"
+        )
+
+
 CHECKS = {
     "examples/paris/paris_walkthrough.ipynb": check_paris,
     "examples/study/what_the_adapter_learned.ipynb": check_study,
@@ -101,6 +122,7 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     monkeypatch.delenv("MPLBACKEND", raising=False)
     monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # quiet the kernel's debugger warning
     notebook = execute(path, tmp_path)
+    check_quiet(notebook, relative(path))
     CHECKS.get(relative(path), lambda _: None)(notebook)
 
 

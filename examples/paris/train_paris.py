@@ -16,16 +16,14 @@ seconds. `--model` takes a real checkpoint (a hub name or a local folder).
 from __future__ import annotations
 
 import argparse
-import tempfile
 
 import torch
 import torch.nn.functional as F
-from nnsight import LanguageModel
+from nnsight import TransformersModel
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from nnsight_toolbox import LORA
-from nnsight_toolbox.testing import save_tiny_model
+from nnsight_toolbox.testing import load_tiny_model
 
 ANSWER = " Paris"
 
@@ -41,10 +39,10 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def load_model(name: str | None) -> LanguageModel:
-    if name is None:  # a tiny GPT-2 built from a config, saved, and loaded from disk
-        name = save_tiny_model("gpt2", tempfile.mkdtemp(prefix="tiny-gpt2-"), hidden=64, layers=2, initializer_range=0.1)
-    return LanguageModel(name, tokenizer=AutoTokenizer.from_pretrained(name), dispatch=True)
+def load_model(name: str | None) -> TransformersModel:
+    if name is None:  # a tiny GPT-2 built from a config, saved to a temporary folder, and loaded from it
+        return load_tiny_model("gpt2", hidden=64, layers=2, initializer_range=0.1)
+    return TransformersModel(name, task="text-generation", dispatch=True)
 
 
 def underscore_prompt(tokenizer) -> str:

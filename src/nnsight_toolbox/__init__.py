@@ -21,6 +21,20 @@ __version__ = "0.1.0"
 
 __all__ = ["LORA", "LoraSet", "Optimization", "export_peft", "import_peft", "__version__"]
 
+
+def _readable_signatures() -> None:
+    """``help(LORA)`` shows ``module: Envoy``, not the string ``'Envoy'`` (see `_signatures`)."""
+    from nnsight.intervention.envoy import Envoy
+
+    from . import _signatures
+    from .optim.targets import Layers, Targets
+
+    names = {"Envoy": Envoy, "LORA": LORA, "LoraSet": LoraSet, "Optimization": Optimization, "Targets": Targets, "Layers": Layers}
+    _signatures.resolve([LORA, LoraSet, Optimization, export_peft, import_peft], names)
+
+
+_readable_signatures()
+
 # Ship this package by value (its source travels with each remote request):
 # NDIF servers do not install it. Registering the top-level package covers
 # every submodule (cloudpickle matches registered names by prefix).

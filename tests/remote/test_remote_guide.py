@@ -19,7 +19,7 @@ pytestmark = pytest.mark.remote
 
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guides" / "remote.md"
 #: What the guide serves, and what the tests serve instead.
-SERVED_MODEL = 'LanguageModel("meta-llama/Llama-3.1-8B")'
+SERVED_MODEL = 'TransformersModel("meta-llama/Llama-3.1-8B", task="text-generation")'
 SERVED_LAYER = "model.model.layers[16]"
 TINY_LAYER = "model.model.layers[1]"
 
@@ -33,7 +33,7 @@ def guide_blocks() -> list[str]:
 def run_guide(blocks: list[str], path: str, script: Path, *, remote: bool) -> dict:
     source = "\n".join(blocks)
     assert SERVED_MODEL in source and SERVED_LAYER in source
-    model = f"LanguageModel({path!r}, tokenizer=AutoTokenizer.from_pretrained({path!r}){'' if remote else ', dispatch=True'})"
+    model = f"TransformersModel({path!r}, task='text-generation', tokenizer=AutoTokenizer.from_pretrained({path!r}){'' if remote else ', dispatch=True'})"
     source = source.replace(SERVED_MODEL, model).replace(SERVED_LAYER, TINY_LAYER)
     if not remote:
         source = source.replace("remote=True", "remote=False")

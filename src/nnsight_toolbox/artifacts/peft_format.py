@@ -301,7 +301,7 @@ class _Target:
     B: torch.Tensor  # (out, r), or (dim, r)
 
 
-def import_peft(model: "Envoy", directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> "LoraSet":
+def import_peft(model: Envoy, directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> LoraSet:
     """Adapters that reproduce a PEFT LoRA adapter inside nnsight traces.
 
     Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (never a
@@ -316,7 +316,7 @@ def import_peft(model: "Envoy", directory: str | os.PathLike, *, dtype: torch.dt
 
     Args:
         model: The nnsight model the adapter was trained on (its root, e.g.
-            ``LanguageModel(...)``), loaded or not.
+            ``TransformersModel(...)``), loaded or not.
         directory: A PEFT LoRA adapter directory, written by PEFT's
             ``save_pretrained`` or by `export_peft`.
         dtype: The adapters' dtype; float32 as PEFT computes by default.

@@ -6,7 +6,7 @@ per matching module (PEFT's matching rule, see `nnsight_toolbox.optim.targets`)
 and returns them as a `LoraSet`::
 
     adapters = LORA.on(model, ["q_proj", "v_proj"], r=16)
-    optimizer = torch.optim.AdamW(adapters.parameters(), lr=1e-4)   # all of them
+    optimizer = torch.optim.AdamW(adapters.parameters(), lr=1e-2)   # all of them
     with model.trace(batch):
         adapters()                      # every adapter, on this invoke's rows
         logits = model.lm_head.output.save()
@@ -104,14 +104,14 @@ class LoraSet(Optimization, Mapping):
     @classmethod
     def on(
         cls,
-        model: "Envoy",
+        model: Envoy,
         targets: Targets,
         *,
         r: int,
         layers: Layers = None,
         dropout: float = 0.0,
         dtype: torch.dtype = torch.float32,
-    ) -> "LoraSet":
+    ) -> LoraSet:
         """One `LORA` on every module of ``model`` that ``targets`` picks (PEFT's rule).
 
         Args:
@@ -232,7 +232,7 @@ class LoraSet(Optimization, Mapping):
         save_lora_set(self, directory)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, model: "Envoy") -> "LoraSet":
+    def load(cls, directory: str | os.PathLike, model: Envoy) -> LoraSet:
         """A new set on ``model`` with the adapters saved in ``directory`` by `save`.
 
         Each adapter goes on the module at its saved path, which must exist in

@@ -81,7 +81,7 @@ class LORA(Optimization):
         takes_ids: Whether the module is an embedding, whose input is token ids.
 
     Examples:
-        >>> lora = LORA(model.transformer.h[0].mlp, r=10)
+        >>> lora = LORA(model.transformer.h[0].mlp, r=8)
         >>> optimizer = torch.optim.AdamW(lora.parameters(), lr=1e-2)
         >>> with model.trace("The Eiffel Tower is in"):
         ...     lora()
@@ -169,14 +169,24 @@ class LORA(Optimization):
 
     def __init__(
         self,
-        module: "Envoy",
+        module: Envoy,
         r: int,
-        *,
+        *old_positional: Any,
         dropout: float = 0.0,
         dtype: torch.dtype = torch.float32,
         input_dim: int | None = None,
         output_dim: int | None = None,
     ) -> None:
+        """An adapter of rank ``r`` on ``module``; see the class for the arguments.
+
+        ``WA`` and ``WB`` take the widths inferred from the module and start
+        as PEFT's do, so the adapter changes nothing until trained. Only
+        ``module`` and ``r`` are positional: ``old_positional`` exists to
+        refuse the form ``LORA(module, dim, r)`` of nnsight's LoRA tutorial
+        with a `TypeError` that shows this one.
+        """
+        if old_positional:
+            raise _old_form_error(r, old_positional)
         _check_envoy(module)
         _check_rank(r)
         _check_dropout(dropout)
@@ -198,14 +208,14 @@ class LORA(Optimization):
     @classmethod
     def on(
         cls,
-        model: "Envoy",
-        targets: "Targets",
+        model: Envoy,
+        targets: Targets,
         *,
         r: int,
-        layers: "Layers" = None,
+        layers: Layers = None,
         dropout: float = 0.0,
         dtype: torch.dtype = torch.float32,
-    ) -> "LoraSet":
+    ) -> LoraSet:
         """One adapter on every module of ``model`` that ``targets`` picks, as one `LoraSet`.
 
         PEFT's matching rule: a string is a regex that must match the whole
@@ -214,7 +224,7 @@ class LORA(Optimization):
 
         Examples:
             >>> adapters = LORA.on(model, ["c_attn", "c_fc"], r=16)  # every layer's c_attn and c_fc
-            >>> optimizer = torch.optim.AdamW(adapters.parameters(), lr=1e-4)
+            >>> optimizer = torch.optim.AdamW(adapters.parameters(), lr=1e-2)
             >>> with model.trace("Hello"):
             ...     adapters()
         """
@@ -425,7 +435,7 @@ class LORA(Optimization):
         save_lora(self, directory)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, module: "Envoy") -> "LORA":
+    def load(cls, directory: str | os.PathLike, module: Envoy) -> LORA:
         """A new adapter on ``module`` with the weights saved in ``directory`` by `save`.
 
         ``module`` may be at another path than the one the adapter was trained on;
@@ -523,12 +533,24 @@ def _check_envoy(module: Any) -> None:
         raise TypeError(
             f"`LORA` needs the nnsight Envoy of a module, but got a raw "
             f"`{type(module).__name__}`. Wrap the model with nnsight and pass the "
-            f"module through it: `model = LanguageModel(hf_model, tokenizer=tokenizer)` "
+            f"module through it: `model = TransformersModel(hf_model, task='text-generation', tokenizer=tokenizer)` "
             f"(or `NNsight(torch_model)`), then `LORA(model.transformer.h[0].mlp, r=8)`."
         )
     raise TypeError(
         f"`LORA` needs the nnsight Envoy of a module, such as "
         f"`model.transformer.h[0].mlp`, but got {type(module).__name__}: {module!r:.80}."
+    )
+
+
+def _old_form_error(dim: Any, rest: tuple) -> TypeError:
+    shown = ", ".join(repr(value) for value in (dim, *rest))
+    return TypeError(
+        f"`LORA` takes `LORA(module, r, *, dropout=0.0, dtype=torch.float32, input_dim=None, "
+        f"output_dim=None)`, but got {2 + len(rest)} positional arguments: `LORA(module, {shown})`. "
+        f"That is the form `LORA(module, dim, r)` of nnsight's LoRA tutorial: the widths are now "
+        f"inferred from the module, so write `LORA(module, r={rest[-1]!r})`, and pass "
+        f"`input_dim=`/`output_dim=` only for a module whose widths cannot be inferred. "
+        f"See the documentation's page 'Coming from the old toolbox' (docs/migration.md)."
     )
 
 
@@ -552,7 +574,7 @@ def _check_dtype(dtype: Any) -> None:
         )
 
 
-def _resolve_dims(module: "Envoy", input_dim: int | None, output_dim: int | None) -> ModuleDims:
+def _resolve_dims(module: Envoy, input_dim: int | None, output_dim: int | None) -> ModuleDims:
     for name, value in (("input_dim", input_dim), ("output_dim", output_dim)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
@@ -566,7 +588,7 @@ def _resolve_dims(module: "Envoy", input_dim: int | None, output_dim: int | None
     )
 
 
-def _home_device(module: "Envoy") -> torch.device:
+def _home_device(module: Envoy) -> torch.device:
     """Where the parameters start: the module's device, or the model's, or the
     CPU for a model still on the meta device (`_follow_module_device` moves them
     once its weights are real)."""
@@ -576,7 +598,7 @@ def _home_device(module: "Envoy") -> torch.device:
     return device
 
 
-def _module_device(module: "Envoy") -> torch.device | None:
+def _module_device(module: Envoy) -> torch.device | None:
     """The device of the module's parameters, or of the model's for a module with none."""
     # A layer's own weight first: this runs on every `lora()` call, and walking
     # `parameters()` of a whole block costs more than the rest of the call.

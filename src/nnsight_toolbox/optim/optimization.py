@@ -128,7 +128,7 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
                 clone.__dict__[name] = None
         return clone
 
-    def __deepcopy__(self, memo: dict) -> "Optimization":
+    def __deepcopy__(self, memo: dict) -> Optimization:
         """Copy the parameters but keep pointing at the same model.
 
         An intervention holds the nnsight Envoy it acts on; a deep copy of that
