@@ -47,7 +47,8 @@ from nnsight.intervention.source import NO_SKIP, Controller, _as_fragment, run_b
 from nnsight.intervention.util import first_input
 
 from .dims import first_tensor
-from .rows import layout_error, note_lengths, pass_lengths, row_span
+from .positions import PositionSpec, position_mask
+from .rows import NOTE, layout_error, note_lengths, pass_lengths, row_span
 
 if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
@@ -74,15 +75,16 @@ class Activation:
     worker when the run ends (`Interleaver.cancel`).
     """
 
-    __slots__ = ("_adapter", "alpha", "steps", "mediator", "worker", "root_input", "calls", "calls_pass")
+    __slots__ = ("_adapter", "alpha", "steps", "positions", "mediator", "worker", "root_input", "calls", "calls_pass")
 
-    def __init__(self, adapter: Any, alpha: float, steps: Any, mediator: "Mediator", root_input: str) -> None:
+    def __init__(self, adapter: Any, alpha: float, steps: Any, mediator: "Mediator", root_input: str, positions: PositionSpec | None = None) -> None:
         self._adapter = weakref.ref(adapter)
         worker = mediator.worker
         kept = worker.__dict__.setdefault("nnsight_toolbox_adapters", [])  # greenlets take attributes
         kept.append(adapter)
         self.alpha = alpha
         self.steps = steps  # None (every pass) or a container of pass indices
+        self.positions = positions  # None (every token) or the tokens of each row to act on
         self.mediator = weakref.ref(mediator)
         self.worker = weakref.ref(worker)
         self.root_input = root_input  # the root module's input location, to count passes
@@ -211,23 +213,26 @@ def add_deltas(
     interleaver: "Interleaver",
     controller: AdapterController,
 ) -> Any:
-    """``output`` with each live adapter's ``alpha * delta(x)`` added on its rows.
+    """``output`` with each live intervention applied on its rows (and positions).
 
-    The sum is formed in the adapter's dtype and cast back to the output's, as
-    PEFT does (an fp32 adapter on a bf16 model adds in fp32, then rounds once);
-    see `LORA.add_delta`. This runs on every forward pass of every adapted
-    module, so the usual case (one adapter, the whole batch) takes no copy, and
-    the module's path is looked up only for an error message.
+    Each intervention's ``intervene(output, x, alpha)`` gives the new value of the
+    module's output (its first element, for a tuple) from that output and the
+    module's first input ``x``; `LORA`'s adds ``alpha * delta(x)``. This function
+    decides *where*: every row, or the invoke's rows (see `rows`), and every
+    token, or the chosen ``positions=`` (see `positions`). It runs on every
+    forward pass of every adapted module, so the usual case (one intervention,
+    the whole batch, every token) takes no copy, and the module's path is looked
+    up only for an error message.
     """
     target = output if type(output) is torch.Tensor else first_tensor(output)
     if target is None:
         path = controller.path
         raise TypeError(
             f"`{path}` returned a {type(output).__name__} that holds no tensor, so "
-            f"the adapter has nothing to add to. Put it on a module whose output is "
+            f"the intervention has nothing to act on. Put it on a module whose output is "
             f"a tensor (or a tuple whose first element is one)."
         )
-    if not isinstance(x, torch.Tensor):
+    if not isinstance(x, torch.Tensor) and any(getattr(a.adapter, "reads_input", True) for a in live):
         path = controller.path
         raise TypeError(
             f"`{path}` was called with a {type(x).__name__} as its first input, not "
@@ -241,28 +246,71 @@ def add_deltas(
     for activation in live:
         adapter, alpha = activation.adapter, activation.alpha
         rows = activation.mediator().batch_group if batching else None  # [start, size], None: all
-        if rows is None:
-            adapted = adapter.add_delta(adapted, x, alpha)
+        if rows is None and activation.positions is None:
+            adapted = adapter.intervene(adapted, x, alpha)
             continue
         if spans is None:
             spans = _row_spans(target, x, batcher, controller)
-        start, size = rows
+        start, size = rows if rows is not None else (0, batcher.total)
         out_span, in_span = spans
         if not cloned:  # in-place row updates on a fresh tensor keep autograd exact
             adapted, cloned = adapted.clone(), True
         rows_out = adapted.narrow(0, start * out_span, size * out_span)
-        rows_out.copy_(adapter.add_delta(rows_out, x.narrow(0, start * in_span, size * in_span), alpha))
+        rows_x = x.narrow(0, start * in_span, size * in_span) if isinstance(x, torch.Tensor) else x
+        changed = adapter.intervene(rows_out, rows_x, alpha)
+        if activation.positions is not None:
+            changed = _at_positions(changed, rows_out, activation.positions, start, size, out_span, batcher, controller)
+        rows_out.copy_(changed)
     return adapted if output is target else replace_first_tensor(output, adapted)
 
 
-def _row_spans(output: torch.Tensor, x: torch.Tensor, batcher: Any, controller: AdapterController) -> tuple[int, int]:
+def _row_spans(output: torch.Tensor, x: Any, batcher: Any, controller: AdapterController) -> tuple[int, int]:
     """How many dim-0 entries each batch row owns in the output and the input, or a clear refusal."""
     total, lengths = batcher.total, pass_lengths(batcher)
-    out_span, in_span = row_span(output, total, lengths), row_span(x, total, lengths)
+    out_span = row_span(output, total, lengths)
+    in_span = row_span(x, total, lengths) if isinstance(x, torch.Tensor) else 0
     if out_span is None or in_span is None:
         options = {**batcher.kwargs, **batcher.extra_kwargs}
-        raise layout_error(controller.path, x, output, total, lengths, options)
+        raise layout_error(controller.path, x if isinstance(x, torch.Tensor) else output, output, total, lengths, options)
     return out_span, in_span
+
+
+def _at_positions(
+    changed: torch.Tensor,
+    original: torch.Tensor,
+    spec: PositionSpec,
+    start: int,
+    size: int,
+    span: int,
+    batcher: Any,
+    controller: AdapterController,
+) -> torch.Tensor:
+    """``changed`` at the chosen positions of rows ``[start, start + size)``, ``original`` elsewhere."""
+    notes = batcher.__dict__.get(NOTE) or {}
+    if "pass" not in notes:
+        raise ValueError(
+            f"`positions={spec.text}` on `{controller.path}`: the token positions of this pass are "
+            f"unknown (the model's inputs carry no token ids or embeddings this package can read). "
+            f"Drop `positions=` to act on every token."
+        )
+    pass_start, width = notes["pass"]
+    if span == 1 and original.dim() >= 3 and original.shape[1] == width:
+        shape = (size, width) + (1,) * (original.dim() - 2)  # batch-first (rows, t, ...)
+    elif span == width:
+        shape = (size * width,) + (1,) * (original.dim() - 1)  # flattened (rows * t, ...)
+    else:
+        raise ValueError(
+            f"`positions={spec.text}` on `{controller.path}`: its output {tuple(original.shape)} has "
+            f"no token axis of this pass's {width} tokens to choose from. Put the intervention on "
+            f"a module whose output is (batch, tokens, ...), or drop `positions=`."
+        )
+    masks = notes.setdefault("masks", {})
+    key = (pass_start, width, start, size, spec.key())
+    mask = masks.get(key)
+    if mask is None:
+        mask = position_mask(spec, notes["prompt_mask"][start : start + size], pass_start, width, notes.get("generating", False), controller.path)
+        mask = masks[key] = mask.to(original.device)
+    return torch.where(mask.reshape(shape), changed, original)
 
 
 def replace_first_tensor(output: Any, value: torch.Tensor) -> Any:
@@ -342,16 +390,25 @@ def normalize_steps(steps: Steps) -> Any:
     return chosen
 
 
-def activate(adapter: Any, envoy: "Envoy", alpha: float, steps: Any, what: str) -> None:
+def activate(adapter: Any, envoy: "Envoy", alpha: float, steps: Any, what: str, positions: PositionSpec | None = None) -> None:
     """Switch ``adapter`` on for the running invoke, on ``envoy``'s module.
 
-    Calling again from the same invoke updates ``alpha`` and ``steps`` in place;
-    the adapter never applies twice to the same row.
+    ``adapter`` is any object with ``intervene(output, x, alpha) -> new output``
+    (see `Optimization`). Calling again from the same invoke updates ``alpha``,
+    ``steps`` and ``positions`` in place; the adapter never applies twice to the same row.
     """
-    activate_many([(adapter, envoy)], alpha, steps, what, stacklevel=6)
+    activate_many([(adapter, envoy)], alpha, steps, what, positions=positions, stacklevel=6)
 
 
-def activate_many(pairs: "list[tuple[Any, Envoy]]", alpha: float, steps: Any, what: str, *, stacklevel: int = 5) -> None:
+def activate_many(
+    pairs: "list[tuple[Any, Envoy]]",
+    alpha: float,
+    steps: Any,
+    what: str,
+    *,
+    positions: PositionSpec | None = None,
+    stacklevel: int = 5,
+) -> None:
     """`activate` for several ``(adapter, envoy)`` pairs of one model, sharing the per-call work.
 
     The invoke, its run and the pass count are looked up once, not once per adapter.
@@ -374,10 +431,12 @@ def activate_many(pairs: "list[tuple[Any, Envoy]]", alpha: float, steps: Any, wh
             # remote server travels without its parent, so `envoy.root` would be itself.
             root_input = f"{envoy.path.split('.', 1)[0]}.input"
             passes = _passes_begun(mediator, root_input)
-            if rows is not None:  # row-scoped: the run's sequence lengths tell the layouts apart
+            if positions is not None:
+                _check_positions_can_be_known(positions, envoy, interleaver, mediator, root_input, what)
+            if rows is not None or positions is not None:  # the run's sequence lengths tell layouts and positions apart
                 _note_lengths_of_run(envoy, interleaver)
         controller = _adapter_controller(envoy)
-        if _switch_on(controller, adapter, alpha, steps, mediator, rows, root_input, envoy.path) and passes:
+        if _switch_on(controller, adapter, alpha, steps, mediator, rows, root_input, envoy.path, positions) and passes:
             if mediator.occurrence(f"{envoy.path}.input") >= passes:
                 warnings.warn(
                     f"`{what}` was called after `{envoy.path}` had already run in this forward "
@@ -414,6 +473,7 @@ def _switch_on(
     rows: list | None,
     root_input: str,
     path: str,
+    positions: PositionSpec | None = None,
 ) -> bool:
     """Add (or update) ``adapter``'s activation for ``mediator``; whether it is new."""
     interleaver = mediator.interleaver
@@ -425,7 +485,7 @@ def _switch_on(
             continue
         other = activation.live_mediator(interleaver)
         if other is mediator:
-            activation.alpha, activation.steps = alpha, steps
+            activation.alpha, activation.steps, activation.positions = alpha, steps, positions
             _count_repeat_call(activation, mediator, path)
             return False
         other_rows = other.batch_group if rows is not None else None
@@ -436,7 +496,7 @@ def _switch_on(
                 f"covers the whole batch). An adapter applies at most once per row: "
                 f"call it in only one of the two invokes."
             )
-    controller.activations.append(Activation(adapter, alpha, steps, mediator, root_input))
+    controller.activations.append(Activation(adapter, alpha, steps, mediator, root_input, positions))
     return True
 
 
@@ -455,6 +515,26 @@ def _count_repeat_call(activation: Activation, mediator: "Mediator", path: str) 
             f"end. The adapter already acts on every generation step: call `lora()` once, with "
             f"no loop. To read values step by step, keep the loop and read one inside it "
             f"(`for step in tracer.all(): lora(); h = model.lm_head.output.save()`)."
+        )
+
+
+def _check_positions_can_be_known(
+    positions: PositionSpec, envoy: "Envoy", interleaver: "Interleaver", mediator: "Mediator", root_input: str, what: str
+) -> None:
+    """``positions=`` needs a decoder-only model and the prompt's mask, noted at the first pass."""
+    root = _root_envoy(envoy, interleaver)
+    if root is not None and getattr(getattr(root._module, "config", None), "is_encoder_decoder", False):
+        raise ValueError(
+            f"`{what}` with `positions={positions.text}`: positions are counted over a decoder-only "
+            f"model's tokens; an encoder-decoder has two sequences, and choosing among them is not "
+            f"supported. Drop `positions=` to act on every token."
+        )
+    notes = interleaver.batcher.__dict__.get(NOTE) or {} if interleaver.batcher is not None else {}
+    if mediator.occurrence(root_input) > 0 and "prompt_mask" not in notes:
+        raise ValueError(
+            f"`{what}` with `positions={positions.text}` was called after the first forward pass "
+            f"began, so which tokens are real cannot be known any more. Call it first thing in the "
+            f"invoke, before reading any module's `.output`."
         )
 
 

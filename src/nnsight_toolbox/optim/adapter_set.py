@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Union
 import torch
 
 from .activation import Steps, activate_many, check_alpha, normalize_steps
+from .positions import Positions, normalize_positions
 from .dims import infer_many_dims
 from .lora import LORA
 from .paths import envoy_at
@@ -140,12 +141,13 @@ class LoraSet(Optimization, Mapping):
 
     # -- applying ------------------------------------------------------------
 
-    def forward(self, alpha: float = 1.0, *, steps: Steps = None) -> None:
-        """Switch every adapter on for the running invoke, as ``lora(alpha, steps=steps)`` does.
+    def forward(self, alpha: float = 1.0, *, steps: Steps = None, positions: Positions = None) -> None:
+        """Switch every adapter on for the running invoke, as ``lora(alpha, steps=steps, positions=positions)`` does.
 
         Args:
             alpha: Scale of every adapter's low-rank term.
             steps: Restrict them to some forward passes of the run (see `LORA.forward`).
+            positions: Restrict them to some tokens of each row (see `LORA.forward`).
 
         Examples:
             >>> with model.generate("Hello", max_new_tokens=5) as tracer:
@@ -162,9 +164,10 @@ class LoraSet(Optimization, Mapping):
             )
         alpha = check_alpha(alpha)
         steps = normalize_steps(steps)
+        chosen = normalize_positions(positions)
         for lora in self._by_path.values():
             lora._follow_module_device()
-        activate_many([(lora, lora.module) for lora in self._by_path.values()], alpha, steps, "adapters()")
+        activate_many([(lora, lora.module) for lora in self._by_path.values()], alpha, steps, "adapters()", positions=chosen)
 
     # -- the mapping ---------------------------------------------------------
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .activation import Steps, activate, check_alpha, normalize_steps
+from .positions import Positions, normalize_positions
 from .dims import ModuleDims, infer_dims
 from .optimization import Optimization
 
@@ -256,7 +257,7 @@ class LORA(Optimization):
             self.WA.uniform_(-bound, bound)
             self.WB.zero_()
 
-    def forward(self, alpha: float = 1.0, *, steps: Steps = None) -> None:
+    def forward(self, alpha: float = 1.0, *, steps: Steps = None, positions: Positions = None) -> None:
         """``lora(alpha=1.0)``: switch the adapter on for the running trace, from this call onward.
 
         You call the adapter itself (``lora(...)``, which runs this method) inside
@@ -274,6 +275,12 @@ class LORA(Optimization):
                 ``slice`` (``slice(1, None)``: every generated token but not the
                 prefill), a ``range`` or an iterable of ints. Pass 0 is the
                 prefill (or the only pass of a ``model.trace``).
+            positions: Restrict it to some tokens of each row: an int, a list of
+                ints or a ``slice``, counted over the row's real tokens (padding
+                never counts). 0 is the first prompt token, -1 the last; in
+                generation the new tokens continue the count, so ``slice(-1, None)``
+                is the last prompt token and every generated one. ``None`` (the
+                default): every token. See `nnsight_toolbox.optim.positions`.
 
         While the adapter is merged into the weights (`merge`), calling it raises
         a `RuntimeError`: the delta is already in every row of every run, so it
@@ -282,8 +289,9 @@ class LORA(Optimization):
         Raises:
             RuntimeError: Called outside a trace, in a trace of another model, by
                 two invokes of one run whose rows overlap, or while merged.
-            ValueError: ``alpha`` is not a finite number, or ``steps`` holds
-                something other than non-negative ints.
+            ValueError: ``alpha`` is not a finite number, ``steps`` holds
+                something other than non-negative ints, or ``positions`` picks a
+                token some row of the invoke does not have.
 
         Examples:
             >>> with model.generate("Hello", max_new_tokens=5) as tracer:
@@ -298,6 +306,12 @@ class LORA(Optimization):
             ...         adapted = model.lm_head.output.save()
             ...     with tracer.invoke("Hello"):
             ...         base = model.lm_head.output.save()
+
+            Only the last prompt token and the tokens generated after it:
+
+            >>> with model.generate("Hello", max_new_tokens=5) as tracer:
+            ...     lora(positions=slice(-1, None))
+            ...     ids = tracer.result.save()
         """
         if self.merged:
             raise RuntimeError(
@@ -308,8 +322,9 @@ class LORA(Optimization):
             )
         alpha = check_alpha(alpha)
         steps = normalize_steps(steps)
+        chosen = normalize_positions(positions)
         self._follow_module_device()
-        activate(self, self.module, alpha, steps, "lora()")
+        activate(self, self.module, alpha, steps, "lora()", chosen)
 
     def delta(self, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         """``alpha * dropout(x) @ WA @ WB`` in the adapter's dtype: the term ``lora()`` adds.
@@ -363,6 +378,9 @@ class LORA(Optimization):
             return (output + delta).to(output.dtype)
         # Nothing to differentiate: the add computes in the wider dtype and writes the output's.
         return torch.add(output, delta, out=torch.empty_like(output))
+
+    #: What the activation machinery calls on every forward pass (see `Optimization.intervene`).
+    intervene = add_delta
 
     def _mismatch(self, output: torch.Tensor, leading: torch.Size) -> ValueError:
         return ValueError(

@@ -63,6 +63,33 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
             ...     lora()              # runs LORA.forward inside this trace
         """
 
+    #: Whether `intervene` reads the module's first input ``x`` (LoRA does; a steering
+    #: vector does not, and then works on modules whose first input is not a tensor).
+    reads_input = True
+
+    def intervene(self, output: torch.Tensor, x: Any, alpha: float) -> torch.Tensor:
+        """The module's new output, from its ``output`` and first input ``x``: the formula alone.
+
+        An intervention that switches itself on with
+        `nnsight_toolbox.optim.activation.activate` in its `forward` implements
+        this; the shared machinery calls it on every forward pass it acts on, with
+        ``output`` and ``x`` already narrowed to the invoke's rows, and keeps the
+        result only at the chosen ``positions=``. So rows, passes (``steps=``),
+        positions, generation steps and clean-up after a run come for free, and
+        the subclass holds only its formula. It returns a tensor of ``output``'s
+        shape and dtype.
+
+        Examples:
+            >>> out, x = torch.zeros(1, 3, 32), torch.randn(1, 3, 32)
+            >>> torch.allclose(lora.intervene(out, x, 1.0), lora.delta(x))   # LORA: output + alpha * delta(x)
+            True
+        """
+        raise TypeError(
+            f"`{type(self).__name__}` does not implement `intervene(output, x, alpha)`, so the "
+            f"activation machinery cannot apply it. Implement it, or apply the intervention in "
+            f"`forward` with nnsight's own `module.output = ...`."
+        )
+
     def parameters(self, recurse: bool = True) -> list[torch.nn.Parameter]:  # type: ignore[override]
         """The trainable tensors, as a list ready for a torch optimizer.
 

@@ -63,6 +63,32 @@ def note_lengths(batcher: Any, role: str, args: tuple, kwargs: dict, encoder_dec
     }
     notes = batcher.__dict__.setdefault(NOTE, {})
     notes[role] = frozenset(lengths)
+    if role == "root" and not encoder_decoder:
+        note_columns(notes, total, kwargs, first)
+
+
+def note_columns(notes: dict, total: int, kwargs: dict, first: Any) -> None:
+    """Note which columns of the whole sequence this pass covers, and at the first pass the prompt's mask.
+
+    For ``positions=`` (see `positions.position_mask`). The attention mask of a
+    pass spans every column so far (with a KV cache, the past ones too), and the
+    pass's inputs are its last ``t`` columns.
+    """
+    tokens = next((kwargs.get(key) for key in ("input_ids", "inputs_embeds") if isinstance(kwargs.get(key), torch.Tensor)), first)
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2 or tokens.shape[0] != total:
+        return
+    width = tokens.shape[1]
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == total:
+        start = mask.shape[1] - width
+    else:
+        mask = None
+        previous = notes.get("pass")
+        start = 0 if previous is None or width > sum(previous) - 1 else sum(previous)
+    if "prompt_mask" not in notes:
+        notes["prompt_mask"] = (mask if mask is not None else torch.ones(total, width, dtype=torch.long)).detach().to("cpu")
+        notes["generating"] = "logits_to_keep" in kwargs or "use_cache" in kwargs  # what `generate` passes
+    notes["pass"] = (start, width)
 
 
 def pass_lengths(batcher: Any) -> frozenset:

@@ -1,0 +1,146 @@
+"""``positions=``: which tokens of each row an intervention acts on.
+
+Positions count **each row's real tokens**, never padding:
+
+- ``0`` is a row's first prompt token; ``-1`` its last prompt token (negative
+  positions count back from the end of the prompt);
+- in ``model.generate(...)``, generated tokens continue the count: a row with a
+  prompt of ``L`` tokens has its first new token at position ``L``;
+- a ``slice`` is read over that unbounded count, its negative bounds from the end
+  of the prompt: ``slice(-1, None)`` is the last prompt token and every generated
+  token; ``slice(0, -1)`` every prompt token but the last.
+
+So ``positions=[0, 1, -2, -1]`` touches the first two and last two prompt tokens
+of every row (pyreft's "f2+l2"), whatever the rows' lengths and padding.
+
+How a position becomes a column of the running pass. The prompt's attention
+mask (noted at the first pass, see `rows.note_lengths`) says which of the ``T``
+padded columns are a row's real tokens; generated tokens are appended after
+column ``T - 1`` for every row. Each pass covers columns ``[start, start + t)``
+of that sequence: the whole prompt at the prefill, one column per decode step
+with a KV cache. `position_mask` maps the chosen positions of each row to a
+``(rows, t)`` boolean mask over the pass's columns; the intervention's result is
+kept where it is true and the module's own output elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Union
+
+import torch
+
+#: What ``positions=`` accepts.
+Positions = Union[None, int, slice, "list[int]", "tuple[int, ...]", range]
+
+
+class PositionSpec:
+    """A normalized ``positions=`` value: a set of ints (negatives from the prompt's end) or a slice.
+
+    A plain class, not a dataclass: the package ships to remote servers as source.
+    """
+
+    __slots__ = ("ints", "start", "stop", "step", "text")
+
+    def __init__(self, ints: "tuple[int, ...] | None", start: int | None, stop: int | None, step: int, text: str) -> None:
+        self.ints, self.start, self.stop, self.step, self.text = ints, start, stop, step, text
+
+    def key(self) -> tuple:
+        return (self.ints, self.start, self.stop, self.step)
+
+
+def normalize_positions(positions: Any) -> PositionSpec | None:
+    """``None``, or the `PositionSpec` of ``positions``, or a `ValueError` saying what is accepted.
+
+    Examples:
+        >>> normalize_positions(None) is None
+        True
+        >>> normalize_positions([0, -1]).ints
+        (-1, 0)
+        >>> normalize_positions(slice(-1, None)).start
+        -1
+    """
+    if positions is None:
+        return None
+    text = repr(positions)
+    if isinstance(positions, slice):
+        parts = (positions.start, positions.stop, positions.step)
+        if not all(p is None or (isinstance(p, int) and not isinstance(p, bool)) for p in parts) or (positions.step is not None and positions.step < 1):
+            raise ValueError(
+                f"`positions={text}`: a slice of positions needs int (or None) bounds and a "
+                f"positive step, such as `slice(-1, None)` (the last prompt token and every "
+                f"generated one)."
+            )
+        return PositionSpec(None, positions.start, positions.stop, positions.step or 1, text)
+    if isinstance(positions, int) and not isinstance(positions, bool):
+        positions = (positions,)
+    try:
+        chosen = tuple(sorted(set(positions)))
+    except TypeError:
+        chosen = None
+    if not chosen or not all(isinstance(p, int) and not isinstance(p, bool) for p in chosen):
+        raise ValueError(
+            f"`positions` must be None (every token), an int, a list of ints or a slice, "
+            f"counted over each row's real tokens (0 is the first prompt token, -1 the last); "
+            f"got {text}."
+        )
+    return PositionSpec(chosen, None, None, 1, text)
+
+
+def prompt_positions(prompt_mask: torch.Tensor) -> torch.Tensor:
+    """Each prompt column's position among its row's real tokens, -1 on padding: ``(rows, T)``."""
+    mask = prompt_mask.to(torch.long)
+    return torch.where(mask.bool(), mask.cumsum(1) - 1, torch.full_like(mask, -1))
+
+
+def position_mask(spec: PositionSpec, prompt_mask: torch.Tensor, start: int, width: int, generating: bool, path: str) -> torch.Tensor:
+    """``(rows, width)`` booleans: which columns ``[start, start + width)`` of the pass ``spec`` picks, per row.
+
+    ``prompt_mask`` is the prompt's attention mask for these rows, ``(rows, T)``.
+    A position some row does not have raises a `ValueError` that names the rows.
+
+    Examples:
+        >>> mask = torch.tensor([[0, 1, 1], [1, 1, 1]])          # row 0 is left-padded: 2 real tokens
+        >>> position_mask(normalize_positions(-1), mask, 0, 3, False, "m").tolist()
+        [[False, False, True], [False, False, True]]
+        >>> position_mask(normalize_positions(0), mask, 0, 3, False, "m").tolist()
+        [[False, True, False], [True, False, False]]
+    """
+    rows, prompt_width = prompt_mask.shape
+    lengths = prompt_mask.to(torch.long).sum(1)  # (rows,) real prompt tokens
+    columns = torch.arange(start, start + width)  # absolute columns of this pass
+    in_prompt = columns < prompt_width
+    by_prompt = prompt_positions(prompt_mask)[:, columns.clamp(max=prompt_width - 1)]  # (rows, width)
+    generated = lengths[:, None] + (columns - prompt_width)[None, :]
+    position = torch.where(in_prompt[None, :], by_prompt, generated)  # -1 on padding
+    real = position >= 0
+    if spec.ints is not None:
+        wanted = torch.tensor(spec.ints)[None, :] + torch.where(torch.tensor(spec.ints) < 0, lengths[:, None], 0)  # (rows, k)
+        _check_ints(spec, wanted, lengths, generating, path)
+        picked = (position[:, :, None] == wanted[:, None, :]).any(-1)
+    else:
+        low = _bound(spec.start, lengths, 0)
+        high = _bound(spec.stop, lengths, math.inf)
+        picked = (position >= low[:, None]) & (position.double() < high[:, None]) & ((position - low[:, None]) % spec.step == 0)
+    return picked & real
+
+
+def _bound(value: int | None, lengths: torch.Tensor, default: float) -> torch.Tensor:
+    """A slice bound per row: negatives count back from the end of the prompt, clamped at 0."""
+    if value is None:
+        return torch.full(lengths.shape, default, dtype=torch.double if math.isinf(default) else torch.long)
+    bound = lengths + value if value < 0 else torch.full_like(lengths, value)
+    return bound.clamp(min=0)
+
+
+def _check_ints(spec: PositionSpec, wanted: torch.Tensor, lengths: torch.Tensor, generating: bool, path: str) -> None:
+    """A position before a row's first token, or (outside generation) after its last, is an error."""
+    missing = (wanted < 0) | (~torch.tensor(generating) & (wanted >= lengths[:, None]))
+    if bool(missing.any()):
+        bad_rows = [int(r) for r in missing.any(1).nonzero().flatten()]
+        raise ValueError(
+            f"`positions={spec.text}` on `{path}`: row(s) {bad_rows} of this invoke have no such "
+            f"position (their prompts have {[int(lengths[r]) for r in bad_rows]} real tokens; "
+            f"positions count each row's real tokens, 0 the first and -1 the last). Choose "
+            f"positions every row has, or put the shorter prompts in another invoke."
+        )
