@@ -379,8 +379,14 @@ class LORA(Optimization):
         # Nothing to differentiate: the add computes in the wider dtype and writes the output's.
         return torch.add(output, delta, out=torch.empty_like(output))
 
-    #: What the activation machinery calls on every forward pass (see `Optimization.intervene`).
     intervene = add_delta
+    """What the activation machinery calls on every forward pass: `add_delta` (see `Optimization.intervene`).
+
+    Examples:
+        >>> x, out = torch.randn(1, 4, lora.input_dim), torch.randn(1, 4, lora.output_dim)
+        >>> torch.equal(lora.intervene(out, x, 0.5), lora.add_delta(out, x, 0.5))
+        True
+    """
 
     def _mismatch(self, output: torch.Tensor, leading: torch.Size) -> ValueError:
         return ValueError(
