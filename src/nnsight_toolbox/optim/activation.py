@@ -141,8 +141,10 @@ class AdapterController(Controller):
         state = self.state
         module = self.module_ref()
         interleaver, _, locations = state.active()
-        if self.noting is not None and interleaver is not None and self.noting_for() is interleaver.batcher:
-            note_lengths(interleaver.batcher, self.noting, args, kwargs, self.encoder_decoder)
+        if self.noting is not None and interleaver is not None:
+            batcher = interleaver.batcher
+            if batcher is not None and self.noting_for() is batcher:
+                note_lengths(batcher, self.noting, args, kwargs, self.encoder_decoder)
         live = self.live(interleaver) if interleaver is not None else []
         if not live:
             self.retire_if_idle(interleaver)
