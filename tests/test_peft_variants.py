@@ -1,0 +1,214 @@
+"""PEFT's LoRA variants against real PEFT: DoRA, `lora_bias`, `modules_to_save`, several adapters in one tree.
+
+Each case trains a PEFT adapter of that kind for a few AdamW steps (so no part
+of it is at its initial value), saves it with `save_pretrained`, imports it,
+and compares with `PeftModel`: logits, per-invoke rows (the adapted invoke is
+PeftModel, the other the base model), greedy generation token for token, and
+merging against PEFT's `merge_and_unload`.
+"""
+
+import pytest
+import torch
+from conftest import load
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from nnsight_toolbox import LORA, DoRA, LoraSet, ModuleCopy, export_peft, import_peft
+
+PROMPTS = ["The Eiffel Tower is in", "Hello"]
+TARGETS = {"gpt2": ["c_fc", "c_attn"], "llama": ["up_proj", "q_proj"]}
+#: Per family, the modules PEFT trains whole copies of: GPT-2's head is tied to its
+#: embedding, so its final norm; this Llama's head is untied.
+COPIES = {"gpt2": ["ln_f"], "llama": ["lm_head", "model.norm"]}
+CASES = {
+    "dora": lambda family: dict(use_dora=True),
+    "lora_bias": lambda family: dict(lora_bias=True),
+    "modules_to_save": lambda family: dict(modules_to_save=COPIES[family]),
+}
+
+
+def train_with_peft(path, directory, family, **options):
+    """`get_peft_model`, a few AdamW steps on every trainable tensor, `save_pretrained`; returns the trained PeftModel."""
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=12, lora_dropout=0.0, target_modules=TARGETS[family], **options)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), config)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(PROMPTS[0], return_tensors="pt")
+    initial = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-2)
+    peft_model.train()
+    for _ in range(3):
+        loss = peft_model(**batch, labels=batch["input_ids"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    unchanged = [n for n, p in peft_model.named_parameters() if p.requires_grad and torch.equal(p, initial[n])]
+    assert not unchanged, f"training left {unchanged} at their initial values"
+    peft_model.save_pretrained(directory)
+    return peft_model.eval()
+
+
+def peft_logits(peft_model, tokenizer, prompts=PROMPTS):
+    """Logits at the real tokens of a left-padded batch, with positions counted over real tokens (as nnsight's)."""
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = peft_model(**batch, position_ids=positions).logits
+    return logits[batch["attention_mask"].bool()]
+
+
+def traced_logits(model, adapters, prompts=PROMPTS):
+    with model.trace(prompts):
+        if adapters is not None:
+            adapters()
+        logits = model.lm_head.output.save()
+    mask = model.tokenizer(prompts, return_tensors="pt", padding=True)["attention_mask"]
+    return logits[mask.bool()]
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def family_name(request):
+    return request.param
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_peft_variant_reproduces_peft(model_paths, tmp_path, family_name, case):
+    path = model_paths[family_name]
+    peft_model = train_with_peft(path, tmp_path / "trained", family_name, **CASES[case](family_name))
+    model = load(path)
+    adapters = import_peft(model, tmp_path / "trained")
+    kinds = {type(a).__name__ for a in adapters.values()}
+    assert kinds == {"dora": {"DoRA"}, "lora_bias": {"LORA"}, "modules_to_save": {"LORA", "ModuleCopy"}}[case]
+    if case == "lora_bias":
+        assert all(a.bias is not None and bool(a.bias.ne(0).any()) for a in adapters.values())
+
+    expected = peft_logits(peft_model, model.tokenizer)
+    base = traced_logits(model, None)
+    assert not torch.allclose(expected, base, atol=1e-3), "training should have changed the model"
+    torch.testing.assert_close(traced_logits(model, adapters), expected, rtol=1e-5, atol=1e-5)
+
+    # Per invoke: the adapted invoke is PeftModel, the other the base model, in one batch.
+    with model.trace() as tracer:
+        with tracer.invoke(PROMPTS[0]):
+            adapters()
+            adapted = model.lm_head.output[0].save()
+        with tracer.invoke(PROMPTS[0]):
+            plain = model.lm_head.output[0].save()
+    with peft_model.disable_adapter():
+        base_one = peft_logits(peft_model, model.tokenizer, [PROMPTS[0]])
+    torch.testing.assert_close(adapted, peft_logits(peft_model, model.tokenizer, [PROMPTS[0]]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, base_one, rtol=1e-5, atol=1e-5)
+
+    # Greedy generation, token for token, with the adapter on every step.
+    batch = model.tokenizer(PROMPTS[0], return_tensors="pt")
+    with torch.no_grad():
+        peft_ids = peft_model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=model.tokenizer.eos_token_id)
+    with model.generate(PROMPTS[0], max_new_tokens=6, do_sample=False) as tracer:
+        adapters()
+        ids = tracer.result.save()
+    assert torch.equal(ids, peft_ids)
+
+    # Merging equals PEFT's merge_and_unload, weight for weight; unmerging restores the bits.
+    before = {k: v.clone() for k, v in model._module.state_dict().items()}
+    merged_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), tmp_path / "trained")
+    if case == "lora_bias" and family_name == "llama":  # Llama's Linear layers have no bias to merge into
+        with pytest.raises(RuntimeError, match="no bias"):
+            merged_peft.merge_and_unload()
+        with pytest.raises(RuntimeError, match="has none"):
+            adapters.merge()
+    else:
+        reference = merged_peft.merge_and_unload().state_dict()
+        adapters.merge()
+        state = model._module.state_dict()
+        for key, value in reference.items():
+            torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(traced_logits(model, None), expected, rtol=1e-4, atol=1e-4)
+        adapters.unmerge()
+    after = model._module.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_the_dora_formula_is_what_is_tested(model_paths, tmp_path):
+    """Break the formula (the norm without the low-rank term): the comparison with PEFT must fail."""
+    path = model_paths["gpt2"]
+    peft_model = train_with_peft(path, tmp_path / "trained", "gpt2", use_dora=True)
+    model = load(path)
+    adapters = import_peft(model, tmp_path / "trained")
+    expected = peft_logits(peft_model, model.tokenizer)
+    for dora in adapters.values():  # a norm of W alone is the classic mistake
+        dora.magnitude.data.mul_(1.01)
+    assert not torch.allclose(traced_logits(model, adapters), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_export_then_peft_then_import_round_trips(model_paths, tmp_path, case):
+    path = model_paths["gpt2"]
+    train_with_peft(path, tmp_path / "trained", "gpt2", **CASES[case]("gpt2"))
+    model = load(path)
+    adapters = import_peft(model, tmp_path / "trained")
+    expected = traced_logits(model, adapters)
+    export_peft(adapters, tmp_path / "exported")
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), tmp_path / "exported").eval()
+    torch.testing.assert_close(peft_logits(peft_model, model.tokenizer), expected, rtol=1e-5, atol=1e-5)
+    again = import_peft(model, tmp_path / "exported")
+    assert [type(a) for a in again.values()] == [type(a) for a in adapters.values()]
+    torch.testing.assert_close(traced_logits(model, again), expected, rtol=1e-6, atol=1e-6)
+    # nnsight's own `peft=` loads it too.
+    from nnsight.modeling.transformers import TransformersModel
+
+    loaded = TransformersModel(path, task="text-generation", tokenizer=model.tokenizer, peft=str(tmp_path / "exported"), dispatch=True)
+    torch.testing.assert_close(traced_logits(loaded, None), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tree_of_several_adapters_needs_a_name(model_paths, tmp_path):
+    path = model_paths["gpt2"]
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(r=2, target_modules=["c_fc"]))
+    peft_model.add_adapter("second", LoraConfig(r=3, target_modules=["c_attn"], use_dora=True))
+    peft_model.save_pretrained(tmp_path / "tree")
+    model = load(path)
+    with pytest.raises(ValueError, match=r"'default', 'second'.*adapter_name="):
+        import_peft(model, tmp_path / "tree")
+    default = import_peft(model, tmp_path / "tree", adapter_name="default")
+    second = import_peft(model, tmp_path / "tree", adapter_name="second")
+    assert [a.r for a in default.values()] == [2, 2] and all(type(a) is LORA for a in default.values())
+    assert [a.r for a in second.values()] == [3, 3] and all(type(a) is DoRA for a in second.values())
+    with pytest.raises(FileNotFoundError, match=r"no PEFT adapter named 'third'.*'default', 'second'"):
+        import_peft(model, tmp_path / "tree", adapter_name="third")
+
+
+@pytest.mark.parametrize(
+    "config, needle",
+    [
+        (dict(peft_type="LOHA"), "LOHA"),
+        (dict(use_qalora=True), "QALoRA"),
+        (dict(alora_invocation_tokens=[1, 2]), "activated LoRA"),
+        (dict(target_parameters=["mlp.c_fc.weight"]), "target_parameters"),
+    ],
+)
+def test_other_variants_are_refused_by_name_listing_what_is_supported(gpt2, tmp_path, config, needle):
+    import json
+
+    export_peft(LORA(gpt2.transformer.h[0].mlp.c_fc, r=2), tmp_path / "p")
+    data = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    data.update(config)
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=needle) as info:
+        import_peft(gpt2, tmp_path / "p")
+    assert "DoRA (`use_dora`)" in str(info.value) and "`modules_to_save`" in str(info.value)
+
+
+def test_a_set_of_every_kind_saves_and_loads(gpt2, tmp_path):
+    c_fc = LORA(gpt2.transformer.h[0].mlp.c_fc, r=2, bias=True)
+    dora = DoRA(gpt2.transformer.h[1].mlp.c_fc, r=2)
+    norm = ModuleCopy(gpt2.transformer.ln_f)
+    with torch.no_grad():
+        for tensor in (c_fc.WB, c_fc.bias, dora.WB, dora.magnitude, norm.copy.weight):
+            tensor.add_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(tensor.numel())))
+    adapters = LoraSet([c_fc, dora, norm])
+    expected = traced_logits(gpt2, adapters)
+    adapters.save(tmp_path / "set")
+    again = LoraSet.load(tmp_path / "set", gpt2)
+    assert [type(a) for a in again.values()] == [LORA, DoRA, ModuleCopy]
+    torch.testing.assert_close(traced_logits(gpt2, again), expected, rtol=0, atol=0)
+    dora.save(tmp_path / "one")
+    assert type(LORA.load(tmp_path / "one", dora.module)) is DoRA
