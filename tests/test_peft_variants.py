@@ -71,9 +71,25 @@ def family_name(request):
     return request.param
 
 
+@pytest.fixture(scope="module")
+def paths(model_paths, tmp_path_factory):
+    """The tiny models, GPT-2's with random biases: its initial biases are zero, and a
+    formula that mishandles the layer's bias (DoRA must not rescale it) would pass on them."""
+    folder = tmp_path_factory.mktemp("biased") / "gpt2"
+    hf_model = AutoModelForCausalLM.from_pretrained(model_paths["gpt2"])
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in hf_model.named_parameters():
+            if name.endswith("bias"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    hf_model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model_paths["gpt2"]).save_pretrained(folder)
+    return {**model_paths, "gpt2": str(folder)}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_a_peft_variant_reproduces_peft(model_paths, tmp_path, family_name, case):
-    path = model_paths[family_name]
+def test_a_peft_variant_reproduces_peft(paths, tmp_path, family_name, case):
+    path = paths[family_name]
     peft_model = train_with_peft(path, tmp_path / "trained", family_name, **CASES[case](family_name))
     model = load(path)
     adapters = import_peft(model, tmp_path / "trained")
@@ -128,21 +144,21 @@ def test_a_peft_variant_reproduces_peft(model_paths, tmp_path, family_name, case
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
-def test_the_dora_formula_is_what_is_tested(model_paths, tmp_path):
-    """Break the formula (the norm without the low-rank term): the comparison with PEFT must fail."""
-    path = model_paths["gpt2"]
+def test_the_dora_formula_is_what_is_tested(paths, tmp_path):
+    """Break the adapter (a magnitude 1% off): the comparison with PEFT must fail."""
+    path = paths["gpt2"]
     peft_model = train_with_peft(path, tmp_path / "trained", "gpt2", use_dora=True)
     model = load(path)
     adapters = import_peft(model, tmp_path / "trained")
     expected = peft_logits(peft_model, model.tokenizer)
-    for dora in adapters.values():  # a norm of W alone is the classic mistake
+    for dora in adapters.values():
         dora.magnitude.data.mul_(1.01)
     assert not torch.allclose(traced_logits(model, adapters), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_export_then_peft_then_import_round_trips(model_paths, tmp_path, case):
-    path = model_paths["gpt2"]
+def test_export_then_peft_then_import_round_trips(paths, tmp_path, case):
+    path = paths["gpt2"]
     train_with_peft(path, tmp_path / "trained", "gpt2", **CASES[case]("gpt2"))
     model = load(path)
     adapters = import_peft(model, tmp_path / "trained")
