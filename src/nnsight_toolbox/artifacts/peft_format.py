@@ -146,8 +146,11 @@ def export_peft(
 
     Args:
         loras: One `LORA`, a list (any iterable) of them, or a mapping of
-            path to `LORA`, all on modules of one model. Each must sit on an
-            ``nn.Linear``, GPT-2 ``Conv1D`` or ``nn.Embedding``.
+            path to `LORA` (a `LoraSet`), all on modules of one model. Each must
+            sit on an ``nn.Linear``, GPT-2 ``Conv1D`` or ``nn.Embedding``. `DoRA`
+            adapters write PEFT's ``use_dora`` (all adapters DoRA, or none),
+            biased ones ``lora_bias``, and `ModuleCopy` interventions PEFT's
+            ``modules_to_save`` (with ``alpha=1`` only, beside at least one adapter).
         directory: Where to write (created if needed). The directory is replaced
             as a whole: an interrupted export leaves it as the complete old
             adapter or the complete new one, never a mix (PEFT's format has no
@@ -179,10 +182,13 @@ def export_peft(
         >>> base = AutoModelForCausalLM.from_pretrained(model.config.name_or_path)
         >>> peft_model = PeftModel.from_pretrained(base, "peft-adapter")   # computes c_fc(alpha=2.0)
     """
+    from ..optim.module_copy import ModuleCopy
+
     adapters = _as_list(loras)
     alpha = check_alpha(alpha)
     root = adapters[0].module.root
     entries: list[tuple[str, str, "LORA"]] = []  # (HF name, layer kind, adapter)
+    copies: list[tuple[str, dict[str, torch.Tensor]]] = []  # (HF name, state_dict) of each `ModuleCopy`
     seen: dict[str, str] = {}
     for lora in adapters:
         if lora.module.root is not root:
@@ -197,27 +203,79 @@ def export_peft(
                 f"Two adapters sit on `{lora.path}`; a PEFT adapter holds one per module. "
                 f"Export them to separate directories."
             )
+        if isinstance(lora, ModuleCopy):
+            state = lora.copy.state_dict()
+            for key, tensor in state.items():
+                if tensor.is_floating_point():
+                    check_finite(tensor.detach(), key, f"the copy of {lora.path}")
+            seen[name] = "copy"
+            copies.append((name, state))
+            continue
         kind = _exportable_kind(lora)
-        check_finite(lora.WA.detach(), "WA", f"the adapter on {lora.path}")
-        check_finite(lora.WB.detach(), "WB", f"the adapter on {lora.path}")
+        for part, tensor in (("WA", lora.WA), ("WB", lora.WB), ("bias", lora.bias), ("magnitude", getattr(lora, "magnitude", None))):
+            if tensor is not None:
+                check_finite(tensor.detach(), part, f"the adapter on {lora.path}")
         seen[name] = kind
         entries.append((name, kind, lora))
+    use_dora, lora_bias = _export_variant(entries, copies, alpha)
 
     tensors: dict[str, torch.Tensor] = {}
     for name, kind, lora in entries:
         a, b = ("lora_embedding_A", "lora_embedding_B") if kind == "Embedding" else ("lora_A.weight", "lora_B.weight")
         tensors[f"{KEY_PREFIX}{name}.{a}"] = lora.WA.detach().T  # (in, r) -> (r, in)
         tensors[f"{KEY_PREFIX}{name}.{b}"] = lora.WB.detach().T  # (r, out) -> (out, r)
+        if lora_bias:  # PEFT gives every lora_B a bias then; an unbiased adapter's is zero
+            bias = lora.bias.detach() if lora.has_bias else torch.zeros(lora.output_dim, dtype=lora.WB.dtype)
+            tensors[f"{KEY_PREFIX}{name}.lora_B.bias"] = bias  # PEFT scales it with lora_B: alpha * bias
+        if use_dora:
+            tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = lora.magnitude.detach()
+    for name, state in copies:  # PEFT's layout: the module's own name, no `modules_to_save.<adapter>.`
+        tensors.update({f"{KEY_PREFIX}{name}.{key}": tensor for key, tensor in state.items()})
 
     config = _export_config(entries, alpha, root, base_model_name_or_path)
+    config.update(use_dora=use_dora, lora_bias=lora_bias, modules_to_save=[name for name, _ in copies] or None)
     files = {WEIGHTS_FILE: tensor_bytes(tensors), CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode()}
     return replace_directory(directory, files, "`export_peft`")
 
 
+def _export_variant(entries: list[tuple[str, str, "LORA"]], copies: list, alpha: float) -> tuple[bool, bool]:
+    """PEFT's ``use_dora`` and ``lora_bias`` for these adapters: one flag each for the whole adapter."""
+    if not entries:
+        raise ValueError(
+            "`export_peft` was given module copies only; PEFT's LoRA format needs at least one "
+            "low-rank adapter (`target_modules`) beside `modules_to_save`. Export them with the "
+            "adapters they were trained with, or save them with `LoraSet([...]).save(directory)`."
+        )
+    if copies and alpha != 1.0:
+        raise ValueError(
+            f"`export_peft` got alpha={alpha} and module copies (`modules_to_save`); PEFT scales "
+            f"the low-rank terms but swaps a copy in whole, so it could not compute the copies' "
+            f"blend. Export with alpha=1."
+        )
+    dora = [name for name, _, lora in entries if getattr(lora, "magnitude", None) is not None]
+    if dora and len(dora) != len(entries):
+        plain = next(name for name, _, lora in entries if getattr(lora, "magnitude", None) is None)
+        raise ValueError(
+            f"`export_peft` got DoRA adapters (e.g. on `{dora[0]}`) and plain ones (e.g. on "
+            f"`{plain}`); PEFT's `use_dora` holds for every module of an adapter. Export them to "
+            f"two directories."
+        )
+    biased = [name for name, _, lora in entries if lora.has_bias]
+    embeddings = [name for name, kind, _ in entries if kind == "Embedding"]
+    if biased and embeddings:
+        raise ValueError(
+            f"`export_peft` got adapters with a bias (e.g. on `{biased[0]}`) and one on the "
+            f"embedding `{embeddings[0]}`; PEFT's `lora_bias` gives every module a bias, and PEFT "
+            f"refuses it on embeddings. Export the embedding's adapter to its own directory."
+        )
+    return bool(dora), bool(biased)
+
+
 def _as_list(loras: Any) -> list["LORA"]:
     from ..optim.lora import LORA
+    from ..optim.module_copy import ModuleCopy
 
-    if isinstance(loras, LORA):
+    if isinstance(loras, (LORA, ModuleCopy)):
         adapters = [loras]
     elif isinstance(loras, Mapping):
         adapters = list(loras.values())
@@ -228,9 +286,12 @@ def _as_list(loras: Any) -> list["LORA"]:
             f"`export_peft` takes a `LORA`, a list of them, or a mapping of path to `LORA`, "
             f"got {type(loras).__name__}."
         )
-    wrong = [type(a).__name__ for a in adapters if not isinstance(a, LORA)]
+    wrong = [type(a).__name__ for a in adapters if not isinstance(a, (LORA, ModuleCopy))]
     if wrong:
-        raise TypeError(f"`export_peft` exports `LORA` adapters only, but was also given: {', '.join(wrong)}.")
+        raise TypeError(
+            f"`export_peft` exports `LORA`, `DoRA` and `ModuleCopy` interventions only, but was "
+            f"also given: {', '.join(wrong)}."
+        )
     if not adapters:
         raise ValueError("`export_peft` was given no adapters; pass at least one `LORA`.")
     return adapters
