@@ -113,7 +113,7 @@ def merge_lora(lora: "LORA", alpha: float = 1.0) -> None:
             f"with another alpha."
         )
     kind, weight = _mergeable_weight(lora, "merge")
-    layer_bias = _mergeable_bias(lora, "merge") if lora.has_bias else None
+    layer_bias = _mergeable_bias(lora, "merge") if lora.bias is not None else None
     delta = weight_delta(kind, lora.WA, lora.WB, alpha, weight.device)
     scale = None
     if getattr(lora, "magnitude", None) is not None:  # DoRA: rescale each output row to the magnitude

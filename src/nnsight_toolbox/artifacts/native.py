@@ -140,7 +140,7 @@ ADAPTER_TYPES = ("LORA", "DoRA")
 def adapter_tensors(lora: "LORA") -> dict[str, torch.Tensor]:
     """The tensors one adapter saves, by name: ``WA``, ``WB``, and ``bias``/``magnitude`` if it has them."""
     tensors = {"WA": lora.WA, "WB": lora.WB}
-    if lora.has_bias:
+    if lora.bias is not None:
         tensors["bias"] = lora.bias
     if getattr(lora, "magnitude", None) is not None:
         tensors["magnitude"] = lora.magnitude
@@ -161,7 +161,7 @@ def adapter_fields(lora: "LORA", module_path: str) -> dict[str, Any]:
     """What a sidecar records of one adapter (the set format records the same per adapter)."""
     return {
         "type": "DoRA" if getattr(lora, "magnitude", None) is not None else "LORA",
-        "bias": lora.has_bias,
+        "bias": lora.bias is not None,
         "module_path": module_path,
         "module_type": type(lora.module._module).__name__,
         "r": lora.r,

@@ -225,7 +225,7 @@ def export_peft(
         tensors[f"{KEY_PREFIX}{name}.{a}"] = lora.WA.detach().T  # (in, r) -> (r, in)
         tensors[f"{KEY_PREFIX}{name}.{b}"] = lora.WB.detach().T  # (r, out) -> (out, r)
         if lora_bias:  # PEFT gives every lora_B a bias then; an unbiased adapter's is zero
-            bias = lora.bias.detach() if lora.has_bias else torch.zeros(lora.output_dim, dtype=lora.WB.dtype)
+            bias = lora.bias.detach() if lora.bias is not None else torch.zeros(lora.output_dim, dtype=lora.WB.dtype)
             tensors[f"{KEY_PREFIX}{name}.lora_B.bias"] = bias  # PEFT scales it with lora_B: alpha * bias
         if use_dora:
             tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = lora.magnitude.detach()
@@ -260,7 +260,7 @@ def _export_variant(entries: list[tuple[str, str, "LORA"]], copies: list, alpha:
             f"`{plain}`); PEFT's `use_dora` holds for every module of an adapter. Export them to "
             f"two directories."
         )
-    biased = [name for name, _, lora in entries if lora.has_bias]
+    biased = [name for name, _, lora in entries if lora.bias is not None]
     embeddings = [name for name, kind, _ in entries if kind == "Embedding"]
     if biased and embeddings:
         raise ValueError(

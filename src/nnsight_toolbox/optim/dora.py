@@ -100,7 +100,7 @@ class DoRA(LORA):
                 f"`DoRA` on one of its Linear layers."
             )
         LORA.__init__(self, module, r, *old_positional, dropout=dropout, dtype=dtype)
-        self.kind = kind
+        self._kind = kind
         self.magnitude = torch.nn.Parameter(torch.empty(self.output_dim, device=self.WA.device, dtype=dtype))
         self._reset_magnitude()
 
@@ -126,7 +126,7 @@ class DoRA(LORA):
 
     def _rows(self, weight: torch.Tensor) -> torch.Tensor:
         """The layer's weight laid out ``(out, in)``: nn.Linear's own layout, Conv1D's transpose."""
-        return weight if self.kind == "Linear" else weight.T
+        return weight if self._kind == "Linear" else weight.T
 
     def intervene(self, output: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:  # type: ignore[override]
         """The layer's DoRA output from its base ``output = W x + b`` and input ``x``.

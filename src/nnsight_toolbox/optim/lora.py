@@ -224,7 +224,7 @@ class LORA(Optimization):
         self.WB = torch.nn.Parameter(torch.zeros(r, dims.output_dim, device=device, dtype=dtype))
         # A plain bool, read first thing in `add_delta`: an instance-dict hit, so the
         # usual unbiased adapter pays nothing for the option.
-        self.has_bias = bias
+        self._has_bias = bias
         self.register_parameter("bias", torch.nn.Parameter(torch.zeros(dims.output_dim, device=device, dtype=dtype)) if bias else None)
         self._merge_record = None  # set while merged into the module's weight (see `merge`)
         self.reset_parameters()
@@ -365,7 +365,7 @@ class LORA(Optimization):
         """
         WA, WB = self._factors()
         delta = self._up(self._down(x, WA), WB, alpha)
-        return delta + alpha * self.bias if self.has_bias else delta
+        return delta + alpha * self.bias if self._has_bias else delta
 
     def add_delta(self, output: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         """``output + alpha * delta(x)``, summed in the adapter's dtype and rounded once to ``output``'s.
@@ -387,7 +387,7 @@ class LORA(Optimization):
             >>> torch.allclose(lora.add_delta(out, x, 0.5), out + lora.delta(x, 0.5))
             True
         """
-        if self.has_bias:
+        if self._has_bias:
             return self._add_biased_delta(output, x, alpha)
         WA, WB = self._factors()
         hidden = self._down(x, WA)  # (..., r)
@@ -407,8 +407,14 @@ class LORA(Optimization):
         # Nothing to differentiate: the add computes in the wider dtype and writes the output's.
         return torch.add(output, delta, out=torch.empty_like(output))
 
-    #: What the activation machinery calls on every forward pass (see `Optimization.intervene`).
     intervene = add_delta
+    """What the activation machinery calls on every forward pass: `add_delta` (see `Optimization.intervene`).
+
+    Examples:
+        >>> x, out = torch.randn(1, 4, lora.input_dim), torch.randn(1, 4, lora.output_dim)
+        >>> torch.equal(lora.intervene(out, x, 0.5), lora.add_delta(out, x, 0.5))
+        True
+    """
 
     def _add_biased_delta(self, output: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
         """`add_delta` with a bias: PEFT's ``lora_B(lora_A(x)) * scaling``, whose ``lora_B`` is biased."""
@@ -566,7 +572,7 @@ class LORA(Optimization):
     def extra_repr(self) -> str:
         return (
             f"{self.path}, input_dim={self.input_dim}, output_dim={self.output_dim}, "
-            f"r={self.r}, dropout={self.dropout}, dtype={self.WA.dtype}" + (", bias=True" if self.has_bias else "")
+            f"r={self.r}, dropout={self.dropout}, dtype={self.WA.dtype}" + (", bias=True" if self._has_bias else "")
         )
 
     def _follow_module_device(self) -> None:

@@ -49,10 +49,6 @@ class ModuleCopy(Optimization):
         module: The Envoy of a module whose output depends on its first input
             only (``nn.Linear``, ``nn.Embedding``, a norm, a classification head).
 
-    Attributes:
-        module: The Envoy of the module the copy stands in for.
-        copy: The copy, a plain ``torch.nn.Module`` of the module's class.
-
     Examples:
         >>> head = ModuleCopy(model.lm_head)
         >>> optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2)
@@ -64,9 +60,25 @@ class ModuleCopy(Optimization):
         torch.Size([257, 32])
     """
 
+    module: Envoy
+    """The nnsight Envoy of the module the copy stands in for.
+
+    Examples:
+        >>> ModuleCopy(model.lm_head).module.path
+        'model.lm_head'
+    """
+
+    copy: torch.nn.Module
+    """The copy: a plain torch module of the module's class, whose parameters train.
+
+    Examples:
+        >>> head = ModuleCopy(model.lm_head)
+        >>> type(head.copy).__name__, head.copy.weight is model.lm_head.weight
+        ('Linear', False)
+    """
+
+    # The merge record belongs to this object alone, as `LORA`'s does.
     _not_copied = ("_merge_record",)
-    #: `modules_to_save` copies replace the output, computed from the first input.
-    reads_input = True
 
     def __init__(self, module: Envoy) -> None:
         """A copy of ``module``'s torch module; see the class."""
