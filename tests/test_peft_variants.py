@@ -228,3 +228,43 @@ def test_a_set_of_every_kind_saves_and_loads(gpt2, tmp_path):
     torch.testing.assert_close(traced_logits(gpt2, again), expected, rtol=0, atol=0)
     dora.save(tmp_path / "one")
     assert type(LORA.load(tmp_path / "one", dora.module)) is DoRA
+
+
+def test_a_module_copy_needs_a_module_computed_from_its_first_input(gpt2):
+    with pytest.raises(TypeError, match=r"`model.transformer.h.0` \(GPT2Block\) also takes `cache`, `attention_mask`"):
+        ModuleCopy(gpt2.transformer.h[0])
+    with pytest.raises(TypeError, match="also takes"):
+        ModuleCopy(gpt2.transformer.h[0].attn)
+
+
+def test_dora_and_copies_import_onto_a_model_not_loaded_yet(paths, tmp_path):
+    from nnsight import LanguageModel
+
+    path = paths["llama"]
+    peft_model = train_with_peft(path, tmp_path / "trained", "llama", use_dora=True, modules_to_save=COPIES["llama"])
+    meta = LanguageModel(path, tokenizer=AutoTokenizer.from_pretrained(path))  # weights on the meta device
+    adapters = import_peft(meta, tmp_path / "trained")
+    assert not any(t.is_meta for t in adapters.state_dict().values())
+    torch.testing.assert_close(traced_logits(meta, adapters), peft_logits(peft_model, meta.tokenizer), rtol=1e-5, atol=1e-5)
+
+
+def test_dora_gradients_are_peft_s(paths, tmp_path):
+    """The norm is a constant in the backward, as in PEFT: the gradients of every part agree."""
+    path = paths["gpt2"]
+    peft_model = train_with_peft(path, tmp_path / "trained", "gpt2", use_dora=True)
+    model = load(path)
+    adapters = import_peft(model, tmp_path / "trained")
+    batch = model.tokenizer(PROMPTS[0], return_tensors="pt")
+    peft_model.zero_grad()
+    peft_model(**batch, labels=batch["input_ids"]).loss.backward()
+    with model.trace(PROMPTS[0]):
+        adapters()
+        logits = model.lm_head.output.save()
+    labels = batch["input_ids"]
+    torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:]).backward()
+    scale = 12 / 4  # lora_alpha / r, folded into WB on import
+    for path_, dora in adapters.items():
+        layer = peft_model.base_model.model.get_submodule(path_.removeprefix("model."))
+        torch.testing.assert_close(dora.magnitude.grad, layer.lora_magnitude_vector["default"].weight.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(dora.WA.grad, layer.lora_A["default"].weight.grad.T, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(dora.WB.grad * scale, layer.lora_B["default"].weight.grad.T, rtol=1e-4, atol=1e-6)

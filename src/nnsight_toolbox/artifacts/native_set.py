@@ -175,8 +175,7 @@ def _check_copy_fits(saved: SavedCopy, module: "Envoy", directory: Path) -> None
 def _build_copy(saved: SavedCopy, module: "Envoy") -> "ModuleCopy":
     from ..optim.module_copy import ModuleCopy
 
-    copy = ModuleCopy(module)
-    copy.copy.load_state_dict(saved.state)
+    copy = ModuleCopy._from_state(module, saved.state)
     copy.train(saved.training)
     return copy
 

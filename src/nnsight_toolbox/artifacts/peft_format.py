@@ -475,9 +475,7 @@ def import_peft(
                 lora.magnitude.copy_(target.magnitude.to(dtype))
         members.append(lora)
     for saved in copies:
-        copy = ModuleCopy(saved.envoy)
-        copy.copy.load_state_dict(saved.state)  # cast to the module's own dtype, as PEFT's copy keeps it
-        members.append(copy)
+        members.append(ModuleCopy._from_state(saved.envoy, saved.state))
     return LoraSet(members).eval()  # as PEFT loads an adapter: dropout off, in every adapter of the set
 
 

@@ -12,8 +12,10 @@ so ``copy(alpha=1)`` swaps in the trained module for the rows of the invoke it
 is called in, and ``alpha`` between 0 and 1 blends the two outputs.
 
 The copy sees only the module's first input, so the module must compute its
-output from that alone: a Linear, Conv1D, Embedding, a norm, or a head whose
-``forward`` takes one required argument. Others are refused when built.
+output from that alone: its ``forward`` must take one argument (and at most a
+catch-all ``**kwargs``), as a Linear, Conv1D, Embedding, a norm or a
+classification head does. A decoder layer or an attention module, which take
+masks and positions beside it, is refused when the copy is built.
 """
 
 from __future__ import annotations
@@ -86,12 +88,33 @@ class ModuleCopy(Optimization):
 
         _check_envoy(module)
         _check_single_input(module)
+        if any(t.is_meta for t in module._module.state_dict().values()):
+            raise RuntimeError(
+                f"`ModuleCopy` copies the weights of `{module.path}`, but the model's weights are "
+                f"not loaded yet (they are on the meta device). Load the model with `dispatch=True`, "
+                f"or run one trace first."
+            )
+        self._build(module, _plain_copy(module._module))
+
+    def _build(self, module: Envoy, copy: torch.nn.Module) -> None:
         Optimization.__init__(self)
         self.module = module
-        self.copy = _plain_copy(module._module)
+        self.copy = copy
         for parameter in self.copy.parameters():
             parameter.requires_grad_(True)
         self._merge_record = None
+
+    @classmethod
+    def _from_state(cls, module: Envoy, state: dict[str, torch.Tensor]) -> ModuleCopy:
+        """A copy of ``module`` holding ``state`` (its whole ``state_dict``, checked to fit), built
+        even while the model is still on the meta device: the saved tensors become the copy's."""
+        copy = _plain_copy(module._module)
+        own = copy.state_dict()
+        # Each tensor in the module's own dtype, as PEFT's copy keeps it.
+        copy.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, assign=True)
+        clone = cls.__new__(cls)
+        clone._build(module, copy)
+        return clone
 
     @property
     def path(self) -> str:
@@ -274,17 +297,16 @@ def _check_single_input(module: Envoy) -> None:
         parameters = list(inspect.signature(forward).parameters.values())[1:]  # without self
     except (TypeError, ValueError):
         return
-    required = [
-        p.name
-        for p in parameters
-        if p.default is inspect.Parameter.empty and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    ]
-    if len(required) > 1:
+    # One argument, and at most a catch-all `**kwargs` (classification heads take one and
+    # ignore it). Optional arguments (masks, positions, caches) would go missing in the copy.
+    others = [p.name for p in parameters[1:] if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    if not parameters or parameters[0].kind is inspect.Parameter.VAR_KEYWORD or others:
         raise TypeError(
             f"`ModuleCopy` replaces a module's output with its copy's, computed from the module's "
-            f"first input only, but `{module.path}` ({type(module._module).__name__}) needs "
-            f"{len(required)} inputs ({', '.join(required)}). Put it on a module that computes its "
-            f"output from one input (a Linear, an Embedding, a norm, a head)."
+            f"first input only, but `{module.path}` ({type(module._module).__name__}) also takes "
+            f"{', '.join(f'`{n}`' for n in others) or 'no named input'}, which the copy would not "
+            f"get. Put it on a module whose forward takes one input (a Linear, an Embedding, a "
+            f"norm, a classification head)."
         )
 
 
