@@ -268,3 +268,32 @@ def test_dora_gradients_are_peft_s(paths, tmp_path):
         torch.testing.assert_close(dora.magnitude.grad, layer.lora_magnitude_vector["default"].weight.grad, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(dora.WA.grad, layer.lora_A["default"].weight.grad.T, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(dora.WB.grad * scale, layer.lora_B["default"].weight.grad.T, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dora", "bias"])
+def test_unmerge_after_the_weight_changed_undoes_its_own_change_only(gpt2, kind):
+    """Another edit after the merge: unmerge inverts its own formula (DoRA: divides the rows
+    back, then subtracts) instead of restoring the copy, and warns."""
+    module = gpt2.transformer.h[1].mlp.c_fc
+    adapter = DoRA(module, r=2) if kind == "dora" else LORA(module, r=2, bias=True)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        adapter.WB.copy_(torch.randn(adapter.WB.shape, generator=generator))
+        if kind == "dora":
+            adapter.magnitude.mul_(1.3)
+        else:
+            adapter.bias.copy_(torch.randn(adapter.bias.shape, generator=generator))
+    weight, bias = module._module.weight, module._module.bias
+    before_w, before_b = weight.detach().clone(), bias.detach().clone()
+    adapter.merge()
+    assert not torch.allclose(weight, before_w) and (kind == "dora" or not torch.allclose(bias, before_b))
+    with torch.no_grad():
+        weight[0, 0] += 1e-3
+        bias[0] += 1e-3
+    with pytest.warns(UserWarning, match="changed after"):
+        adapter.unmerge()
+    expected_w, expected_b = before_w.clone(), before_b.clone()
+    expected_b[0] += 1e-3
+    # DoRA divides the edit by its row's factor on the way back; only that element moves
+    assert (weight - expected_w).abs().flatten().topk(2).values[1] < 1e-5
+    torch.testing.assert_close(bias, expected_b, rtol=1e-5, atol=1e-5)

@@ -202,6 +202,12 @@ def unmerge_lora(lora: "LORA") -> None:
             else:
                 change = record.alpha * record.bias.to(bias.device, torch.float32)
                 bias.copy_((bias.detach().to(torch.float32) - change).to(bias.dtype))
+                warnings.warn(
+                    f"The bias of `{lora.path}` changed after the adapter was merged into it, so "
+                    f"the saved original was not restored; the adapter's bias was subtracted in "
+                    f"float32 instead, which is exact only up to rounding.",
+                    stacklevel=3,
+                )
     lora._merge_record = None
 
 

@@ -536,6 +536,9 @@ class LORA(Optimization):
         second merge is refused (`RuntimeError`); so is one that would write NaN/Inf
         (`ValueError`, weight untouched), and one on a block (`TypeError`). Dropout
         is not applied. Keeps a CPU copy of the weight so `unmerge` is bit-exact.
+        An adapter with a ``bias`` adds ``alpha * bias`` to the layer's bias, as
+        PEFT does, and is refused (`RuntimeError`) on a layer without one. A `DoRA`
+        adapter writes PEFT's DoRA weight, ``m / ||W + alpha * dW||_row * (W + alpha * dW)``.
 
         Examples:
             >>> c_fc = LORA(model.transformer.h[0].mlp.c_fc, r=8)   # a Conv1D layer: it has a weight
