@@ -20,8 +20,11 @@ dtypes, finite values, the target's widths) before it builds the adapter.
 A whole `LoraSet` saves to one directory in the sibling format of
 `nnsight_toolbox.artifacts.native_set`, which records the same fields per adapter.
 
-Compatibility: ``format_version`` is 1. Files written before ``type`` and
-``bias`` were recorded read as a plain `LORA` without a bias. Later versions of this package keep
+Compatibility: a plain `LORA` without a bias is written as ``format_version``
+1, which every version of this package reads; a `DoRA` or a biased adapter as
+version 2, which records ``type`` and ``bias`` and the extra tensors, so an
+older version refuses it with a message to upgrade rather than misreading it.
+Version 1 files read as a plain `LORA` without a bias. Later versions of this package keep
 reading every version up to their own; a file from a newer version is refused
 with a message to upgrade.
 """
@@ -59,8 +62,9 @@ if TYPE_CHECKING:
 __all__ = ["FORMAT", "FORMAT_VERSION", "TENSORS_FILE", "SIDECAR_FILE", "save_lora", "load_lora"]
 
 FORMAT = "nnsight-toolbox/lora"
-#: The version this package writes. Readers accept every version up to it.
-FORMAT_VERSION = 1
+#: The newest version this package writes (for a DoRA or biased adapter; a plain one
+#: is still written as 1). Readers accept every version up to it.
+FORMAT_VERSION = 2
 TENSORS_FILE = "lora.safetensors"
 SIDECAR_FILE = "lora.json"
 
@@ -102,7 +106,7 @@ def save_lora(lora: "LORA", directory: str | os.PathLike) -> Path:
     data = tensor_bytes(tensors)
     sidecar = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version([lora]),
         "package_version": __version__,
         **adapter_fields(lora, lora.path),
         "tensors": {name: list(tensor.shape) for name, tensor in tensors.items()},
@@ -145,6 +149,14 @@ def adapter_tensors(lora: "LORA") -> dict[str, torch.Tensor]:
     if getattr(lora, "magnitude", None) is not None:
         tensors["magnitude"] = lora.magnitude
     return tensors
+
+
+def format_version(adapters: list) -> int:
+    """1 for plain unbiased `LORA` adapters, which every version of this package reads; 2 otherwise."""
+    from ..optim.lora import LORA
+
+    plain = all(type(a) is LORA and a.bias is None for a in adapters)
+    return 1 if plain else FORMAT_VERSION
 
 
 def tensor_names(fields: dict[str, Any]) -> list[str]:

@@ -19,8 +19,10 @@ checks every adapter (its entry, tensors, checksum, and that the model has the
 module with the same widths) before it builds any; a failure names the file and
 the adapter at fault, and nothing is built.
 
-Compatibility: ``format_version`` is 1, read by every later version of this
-package; a file from a newer version is refused with a message to upgrade.
+Compatibility: a set of plain unbiased `LORA` adapters is written as
+``format_version`` 1, read by every version of this package; a set holding a
+`DoRA`, a biased adapter or a `ModuleCopy` as version 2, which older versions
+refuse with a message to upgrade; a file from a newer version is refused with a message to upgrade.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from .native import (
     SavedLora,
     adapter_fields,
     adapter_tensors,
+    format_version,
     tensor_names,
     build_lora,
     check_adapter_fields,
@@ -68,8 +71,9 @@ if TYPE_CHECKING:
 __all__ = ["SET_FORMAT", "SET_FORMAT_VERSION", "SET_TENSORS_FILE", "SET_SIDECAR_FILE", "save_lora_set", "load_lora_set"]
 
 SET_FORMAT = "nnsight-toolbox/lora-set"
-#: The version this package writes. Readers accept every version up to it.
-SET_FORMAT_VERSION = 1
+#: The newest version this package writes (for a set with a DoRA, a bias or a copy;
+#: plain sets are still written as 1). Readers accept every version up to it.
+SET_FORMAT_VERSION = 2
 SET_TENSORS_FILE = "lora_set.safetensors"
 SET_SIDECAR_FILE = "lora_set.json"
 
@@ -121,7 +125,7 @@ def save_lora_set(adapters: "LoraSet", directory: str | os.PathLike) -> Path:
     data = tensor_bytes(tensors)
     sidecar = {
         "format": SET_FORMAT,
-        "format_version": SET_FORMAT_VERSION,
+        "format_version": format_version(list(adapters.values())),
         "package_version": __version__,
         "adapters": entries,
         "sha256": sha256_hex(data),

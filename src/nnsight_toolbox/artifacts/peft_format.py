@@ -73,6 +73,7 @@ if TYPE_CHECKING:
 
     from ..optim.adapter_set import LoraSet
     from ..optim.lora import LORA
+    from ..optim.module_copy import ModuleCopy
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "export_peft", "import_peft"]
 
@@ -122,7 +123,8 @@ SUPPORTED = (
 #: adapter (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) or select a variant (MiCA).
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
 
-Adapters = Union["LORA", Mapping[str, "LORA"], Iterable["LORA"]]
+#: What `export_peft` takes: `LORA` (and `DoRA`) adapters and `ModuleCopy` interventions.
+Adapters = Union["LORA", "ModuleCopy", Mapping[str, Any], Iterable[Any]]
 
 
 # ---------------------------------------------------------------------------
@@ -604,7 +606,8 @@ def _read_peft_adapter(model: "Envoy", directory: Path) -> tuple["_Settings", li
     copies = []
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, (name, tensor_name) in copy_keys.items():
-        check_finite(tensors[key], key, weights_path) if tensors[key].is_floating_point() else None
+        if tensors[key].is_floating_point():
+            check_finite(tensors[key], key, weights_path)
         by_module.setdefault(name, {})[tensor_name] = tensors[key]
     for name in sorted(by_module, key=order.__getitem__):
         copies.append(_Copy(envoy=envoy_at(model, name), name=name, state=by_module[name]))
