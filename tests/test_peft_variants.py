@@ -190,6 +190,9 @@ def test_a_tree_of_several_adapters_needs_a_name(model_paths, tmp_path):
     assert [a.r for a in second.values()] == [3, 3] and all(type(a) is DoRA for a in second.values())
     with pytest.raises(FileNotFoundError, match=r"no PEFT adapter named 'third'.*'default', 'second'"):
         import_peft(model, tmp_path / "tree", adapter_name="third")
+    (tmp_path / "tree" / "adapter_config.json").unlink()  # only the subfolder's adapter is left
+    with pytest.raises(FileNotFoundError, match=r"only in subfolders: 'second'.*adapter_name="):
+        import_peft(model, tmp_path / "tree")
 
 
 @pytest.mark.parametrize(

@@ -513,6 +513,12 @@ def _adapter_directory(directory: Path, adapter_name: str | None) -> Path:
     names = {"default": top} if (top / CONFIG_FILE).is_file() else {}
     names.update({sub.name: sub for sub in sorted(top.iterdir()) if sub.is_dir() and (sub / CONFIG_FILE).is_file()})
     if adapter_name is None:
+        if names and "default" not in names:
+            raise FileNotFoundError(
+                f"`{directory}` holds no adapter at its top (`{CONFIG_FILE}`), only in subfolders: "
+                f"{', '.join(repr(n) for n in names)}. Pick one with "
+                f"`import_peft(model, directory, adapter_name=...)`."
+            )
         if len(names) > 1:
             raise ValueError(
                 f"`{directory}` holds {len(names)} PEFT adapters: {', '.join(repr(n) for n in names)} "
