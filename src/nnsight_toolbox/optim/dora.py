@@ -27,6 +27,9 @@ from .lora import LORA
 if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
 
+    from .adapter_set import LoraSet
+    from .targets import Layers, Targets
+
 __all__ = ["DoRA"]
 
 
@@ -103,6 +106,33 @@ class DoRA(LORA):
         self._kind = kind
         self.magnitude = torch.nn.Parameter(torch.empty(self.output_dim, device=self.WA.device, dtype=dtype))
         self._reset_magnitude()
+
+    @classmethod
+    def on(
+        cls,
+        model: Envoy,
+        targets: Targets,
+        *,
+        r: int,
+        layers: Layers = None,
+        dropout: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+    ) -> LoraSet:
+        """One `DoRA` on every module of ``model`` that ``targets`` picks (PEFT's rule), as a `LoraSet`.
+
+        Every module picked must be an ``nn.Linear`` or GPT-2 ``Conv1D``. See `LORA.on`.
+
+        Examples:
+            >>> adapters = DoRA.on(model, ["c_fc"], r=4)   # every layer's c_fc
+            >>> sorted({type(a).__name__ for a in adapters.values()})
+            ['DoRA']
+        """
+        from .adapter_set import LoraSet
+        from .paths import envoy_at
+        from .targets import match_targets
+
+        paths = match_targets(model, targets, layers)
+        return LoraSet(cls(envoy_at(model, path), r, dropout=dropout, dtype=dtype) for path in paths)
 
     def reset_parameters(self) -> None:
         """Re-initialise ``WA``, ``WB`` as `LORA` does and ``magnitude`` to ``||W||_row`` (PEFT's init).
