@@ -312,3 +312,15 @@ def test_only_new_kinds_of_entry_raise_the_format_version(gpt2, tmp_path):
     LoraSet([DoRA(gpt2.transformer.h[0].mlp.c_fc, r=2), ModuleCopy(gpt2.transformer.ln_f)]).save(tmp_path / "new")
     version = lambda d, f: json.loads((tmp_path / d / f).read_text())["format_version"]  # noqa: E731
     assert (version("plain", "lora_set.json"), version("biased", "lora.json"), version("new", "lora_set.json")) == (1, 2, 2)
+
+
+def test_a_copy_of_a_tied_module_is_refused_at_merge_and_changes_nothing(gpt2):
+    head = ModuleCopy(gpt2.lm_head)  # GPT-2's head shares its weight with `transformer.wte`
+    with torch.no_grad():
+        head.copy.weight.mul_(2)
+    before = gpt2.lm_head.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="tied to other parameters.*transformer.wte.weight"):
+        head.merge()
+    assert torch.equal(gpt2.lm_head.weight, before) and not head.merged
+    with pytest.raises(ValueError, match="alpha=1 only"):
+        ModuleCopy(gpt2.transformer.ln_f).merge(alpha=0.5)
