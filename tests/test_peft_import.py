@@ -210,7 +210,7 @@ BAD_INPUTS = {
     ),
     "config not JSON": (lambda d: (d / "adapter_config.json").write_text("{'r': 2"), ValueError, "adapter_config.json"),
     "wrong peft_type": (lambda d: edit_config(d, peft_type="PREFIX_TUNING"), ValueError, "PREFIX_TUNING"),
-    "DoRA flag": (lambda d: edit_config(d, use_dora=True), ValueError, "DoRA"),
+    "DoRA flag without magnitudes": (lambda d: edit_config(d, use_dora=True), ValueError, "lora_magnitude_vector"),
     "trained biases": (lambda d: edit_config(d, bias="all"), ValueError, "bias"),
     "PiSSA": (lambda d: edit_config(d, init_lora_weights="pissa"), ValueError, "pissa"),
     "bad r": (lambda d: edit_config(d, r=0), ValueError, "adapter_config.json"),
@@ -228,7 +228,7 @@ BAD_INPUTS = {
     "stray tensor": (
         lambda d: edit_tensors(d, lambda t: t.__setitem__("base_model.model.transformer.h.1.mlp.c_fc.lora_magnitude_vector", torch.ones(128))),
         ValueError,
-        "DoRA",
+        "does not set `use_dora`",
     ),
     "unknown module": (
         lambda d: edit_tensors(d, lambda t: t.update({k.replace("h.1", "h.7"): t.pop(k) for k in list(t)})),
@@ -286,10 +286,10 @@ def test_bad_directories_are_refused_and_the_model_is_untouched(gpt2, peft_dir, 
     assert [type(m) for m in gpt2._module.modules()] == modules_before
 
 
-def test_a_real_dora_adapter_is_refused_by_name(model_paths, gpt2, tmp_path):
+def test_a_real_dora_adapter_on_an_embedding_is_refused_by_name(model_paths, gpt2, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(model_paths["gpt2"])
-    get_peft_model(base, LoraConfig(r=2, target_modules=["c_fc"], use_dora=True)).save_pretrained(tmp_path / "dora")
-    with pytest.raises(ValueError, match="DoRA"):
+    get_peft_model(base, LoraConfig(r=2, target_modules=["wte"], use_dora=True)).save_pretrained(tmp_path / "dora")
+    with pytest.raises(ValueError, match="DoRA adapter on the embedding `transformer.wte`"):
         import_peft(gpt2, tmp_path / "dora")
 
 

@@ -154,7 +154,7 @@ BAD_FILES = {
         "does not match the checksum",
     ),
     "other format": (lambda d: rewrite_sidecar(d, lambda s: s.update(format="nnsight-toolbox/lora")), ValueError, "LORA.load"),
-    "newer version": (lambda d: rewrite_sidecar(d, lambda s: s.update(format_version=2)), ValueError, "Upgrade nnsight-toolbox"),
+    "newer version": (lambda d: rewrite_sidecar(d, lambda s: s.update(format_version=3)), ValueError, "Upgrade nnsight-toolbox"),
     "no adapters": (lambda d: rewrite_sidecar(d, lambda s: s.update(adapters=[])), ValueError, "non-empty list"),
     "bad rank": (lambda d: rewrite_sidecar(d, lambda s: s["adapters"][1].update(r=0)), ValueError, r"adapter 1: field `r`"),
     "bad dtype": (lambda d: rewrite_sidecar(d, lambda s: s["adapters"][0].update(dtype="int8")), ValueError, "floating torch dtype"),

@@ -15,11 +15,11 @@ import sys
 import nnsight
 
 from .artifacts import export_peft, import_peft
-from .optim import LORA, LoraSet, Optimization
+from .optim import LORA, DoRA, LoraSet, ModuleCopy, Optimization
 
 __version__ = "0.1.0"
 
-__all__ = ["LORA", "LoraSet", "Optimization", "export_peft", "import_peft", "__version__"]
+__all__ = ["DoRA", "LORA", "LoraSet", "ModuleCopy", "Optimization", "export_peft", "import_peft", "__version__"]
 
 
 def _readable_signatures() -> None:
@@ -29,8 +29,8 @@ def _readable_signatures() -> None:
     from . import _signatures
     from .optim.targets import Layers, Targets
 
-    names = {"Envoy": Envoy, "LORA": LORA, "LoraSet": LoraSet, "Optimization": Optimization, "Targets": Targets, "Layers": Layers}
-    _signatures.resolve([LORA, LoraSet, Optimization, export_peft, import_peft], names)
+    names = {"Envoy": Envoy, "LORA": LORA, "DoRA": DoRA, "ModuleCopy": ModuleCopy, "LoraSet": LoraSet, "Optimization": Optimization, "Targets": Targets, "Layers": Layers}
+    _signatures.resolve([LORA, DoRA, ModuleCopy, LoraSet, Optimization, export_peft, import_peft], names)
 
 
 _readable_signatures()

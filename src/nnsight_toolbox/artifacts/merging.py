@@ -12,6 +12,12 @@ A merged adapter costs nothing at run time: the layer computes with
     Conv1D      (in, out)    WA @ WB
     Embedding   (V, dim)     WA @ WB       # row v gains WA[v] @ WB, what the lookup adds
 
+Two variants change the rule (PEFT's ``merge`` does the same):
+
+    lora_bias  b_layer  <-  round(float32(b_layer) + alpha * bias)       the layer's bias, kept and restored likewise
+    DoRA       W  <-  round(m / ||W + alpha * dW||_row * (W + alpha * dW))  rows of the (out, in) layout,
+               the norm taken on the unmerged weight, as PEFT's ``DoraLinearVariant.merge_safe``
+
 ``dW`` is formed and added in float32 and rounded once to the weight's dtype,
 as PEFT merges: a bf16 weight keeps 8 bits of mantissa, and forming ``dW`` in
 bf16 would round twice. Merging checks the result for NaN/Inf before writing,
@@ -58,6 +64,10 @@ class MergeRecord:
         WB: Likewise ``(r, output_dim)``.
         original: The weight before the merge, on the CPU.
         fingerprint: SHA-256 of the merged weight's bytes, to tell whether it changed since.
+        bias: The adapter's ``bias`` at merge time, for an adapter with one.
+        original_bias: The layer's bias before the merge, on the CPU, likewise.
+        bias_fingerprint: SHA-256 of the merged bias's bytes, likewise.
+        scale: DoRA's per-output factor ``m / ||W + alpha * dW||`` in float32, for a DoRA adapter.
     """
 
     alpha: float
@@ -65,6 +75,10 @@ class MergeRecord:
     WB: torch.Tensor
     original: torch.Tensor
     fingerprint: bytes
+    bias: torch.Tensor | None = None
+    original_bias: torch.Tensor | None = None
+    bias_fingerprint: bytes | None = None
+    scale: torch.Tensor | None = None
 
 
 def weight_delta(kind: str, WA: torch.Tensor, WB: torch.Tensor, alpha: float, device: torch.device) -> torch.Tensor:
@@ -99,9 +113,19 @@ def merge_lora(lora: "LORA", alpha: float = 1.0) -> None:
             f"with another alpha."
         )
     kind, weight = _mergeable_weight(lora, "merge")
+    layer_bias = _mergeable_bias(lora, "merge") if lora.bias is not None else None
     delta = weight_delta(kind, lora.WA, lora.WB, alpha, weight.device)
-    merged = (weight.detach().to(torch.float32) + delta).to(weight.dtype)
-    if not bool(torch.isfinite(merged).all()):
+    scale = None
+    if getattr(lora, "magnitude", None) is not None:  # DoRA: rescale each output row to the magnitude
+        merged, scale = _dora_merged(kind, weight.detach().to(torch.float32), delta, lora.magnitude)
+        merged = merged.to(weight.dtype)
+    else:
+        merged = (weight.detach().to(torch.float32) + delta).to(weight.dtype)
+    merged_bias = None
+    if layer_bias is not None:  # PEFT: base_layer.bias += lora_B.bias * scaling
+        lora_bias = lora.bias.detach().to(layer_bias.device, torch.float32)
+        merged_bias = (layer_bias.detach().to(torch.float32) + alpha * lora_bias).to(layer_bias.dtype)
+    if not bool(torch.isfinite(merged).all()) or (merged_bias is not None and not bool(torch.isfinite(merged_bias).all())):
         raise ValueError(
             f"Merging the adapter on `{lora.path}` with alpha={alpha} would put NaN or "
             f"infinite values into its weight ({weight.dtype}), so it was refused and the "
@@ -113,10 +137,25 @@ def merge_lora(lora: "LORA", alpha: float = 1.0) -> None:
         WB=lora.WB.detach().clone(),
         original=weight.detach().to("cpu", copy=True),
         fingerprint=_fingerprint(merged),
+        scale=scale,
     )
+    if merged_bias is not None:
+        record.bias = lora.bias.detach().clone()
+        record.original_bias = layer_bias.detach().to("cpu", copy=True)
+        record.bias_fingerprint = _fingerprint(merged_bias)
     with torch.no_grad():
         weight.copy_(merged)
+        if merged_bias is not None:
+            layer_bias.copy_(merged_bias)
     lora._merge_record = record
+
+
+def _dora_merged(kind: str, weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DoRA's merged weight in float32 and its per-output factor ``m / ||W + dW||`` (PEFT's ``dora_factor``)."""
+    combined = weight + delta  # laid out like the layer's weight
+    rows = combined if kind == "Linear" else combined.T  # (out, in): a norm per output feature
+    scale = magnitude.detach().to(weight.device, torch.float32) / torch.linalg.norm(rows, dim=1)  # (out,)
+    return (combined * (scale[:, None] if kind == "Linear" else scale[None, :])), scale
 
 
 def unmerge_lora(lora: "LORA") -> None:
@@ -143,7 +182,11 @@ def unmerge_lora(lora: "LORA") -> None:
             weight.copy_(record.original.to(weight.device))  # the original bits, exactly
         else:
             delta = weight_delta(kind, record.WA, record.WB, record.alpha, weight.device)
-            weight.copy_((weight.detach().to(torch.float32) - delta).to(weight.dtype))
+            current = weight.detach().to(torch.float32)
+            if record.scale is not None:  # DoRA: undo the row scaling first, as PEFT's `unmerge`
+                scale = record.scale.to(weight.device)
+                current = current / (scale[:, None] if kind == "Linear" else scale[None, :])
+            weight.copy_((current - delta).to(weight.dtype))
             warnings.warn(
                 f"The weight of `{lora.path}` changed after the adapter was merged into it "
                 f"(another merge into the same layer, new weights loaded, or an edit), so the "
@@ -152,7 +195,32 @@ def unmerge_lora(lora: "LORA") -> None:
                 f"the reverse order of merging to restore the weights bit for bit.",
                 stacklevel=3,
             )
+        if record.original_bias is not None:
+            bias = _mergeable_bias(lora, "unmerge")
+            if _fingerprint(bias) == record.bias_fingerprint:
+                bias.copy_(record.original_bias.to(bias.device))
+            else:
+                change = record.alpha * record.bias.to(bias.device, torch.float32)
+                bias.copy_((bias.detach().to(torch.float32) - change).to(bias.dtype))
+                warnings.warn(
+                    f"The bias of `{lora.path}` changed after the adapter was merged into it, so "
+                    f"the saved original was not restored; the adapter's bias was subtracted in "
+                    f"float32 instead, which is exact only up to rounding.",
+                    stacklevel=3,
+                )
     lora._merge_record = None
+
+
+def _mergeable_bias(lora: "LORA", verb: str) -> torch.nn.Parameter:
+    """The layer's bias, into which a biased adapter's bias merges (PEFT requires one too)."""
+    bias = getattr(lora.module._module, "bias", None)
+    if not isinstance(bias, torch.Tensor):
+        raise RuntimeError(
+            f"Cannot {verb} the adapter on `{lora.path}`: it has a bias (`bias=True`), which merges "
+            f"into the layer's own bias, and {describe_module(lora.module)} has none (PEFT refuses "
+            f"this merge too). Keep calling `lora()` inside traces instead."
+        )
+    return bias
 
 
 def _mergeable_weight(lora: "LORA", verb: str) -> tuple[str, torch.nn.Parameter]:

@@ -3,8 +3,11 @@
 A saved adapter is a directory::
 
     <directory>/
-        lora.safetensors   WA (input_dim, r) and WB (r, output_dim), in the adapter's dtype
-        lora.json          r, widths, dtype, dropout, the module path it was trained on,
+        lora.safetensors   WA (input_dim, r) and WB (r, output_dim), in the adapter's dtype;
+                           also bias (output_dim,) with ``bias=True``, and magnitude
+                           (output_dim,) for a `DoRA` adapter
+        lora.json          its type (LORA or DoRA), whether it has a bias,
+                           r, widths, dtype, dropout, the module path it was trained on,
                            the package version, the format version, and the tensor
                            file's SHA-256
 
@@ -17,7 +20,11 @@ dtypes, finite values, the target's widths) before it builds the adapter.
 A whole `LoraSet` saves to one directory in the sibling format of
 `nnsight_toolbox.artifacts.native_set`, which records the same fields per adapter.
 
-Compatibility: ``format_version`` is 1. Later versions of this package keep
+Compatibility: a plain `LORA` without a bias is written as ``format_version``
+1, which every version of this package reads; a `DoRA` or a biased adapter as
+version 2, which records ``type`` and ``bias`` and the extra tensors, so an
+older version refuses it with a message to upgrade rather than misreading it.
+Version 1 files read as a plain `LORA` without a bias. Later versions of this package keep
 reading every version up to their own; a file from a newer version is refused
 with a message to upgrade.
 """
@@ -55,8 +62,9 @@ if TYPE_CHECKING:
 __all__ = ["FORMAT", "FORMAT_VERSION", "TENSORS_FILE", "SIDECAR_FILE", "save_lora", "load_lora"]
 
 FORMAT = "nnsight-toolbox/lora"
-#: The version this package writes. Readers accept every version up to it.
-FORMAT_VERSION = 1
+#: The newest version this package writes (for a DoRA or biased adapter; a plain one
+#: is still written as 1). Readers accept every version up to it.
+FORMAT_VERSION = 2
 TENSORS_FILE = "lora.safetensors"
 SIDECAR_FILE = "lora.json"
 
@@ -76,6 +84,9 @@ class SavedLora:
     module_path: str
     WA: torch.Tensor  # (input_dim, r)
     WB: torch.Tensor  # (r, output_dim)
+    kind: str = "LORA"  # or "DoRA"
+    bias: torch.Tensor | None = None  # (output_dim,)
+    magnitude: torch.Tensor | None = None  # (output_dim,), DoRA only
 
 
 def save_lora(lora: "LORA", directory: str | os.PathLike) -> Path:
@@ -91,13 +102,14 @@ def save_lora(lora: "LORA", directory: str | os.PathLike) -> Path:
     """
     from .. import __version__
 
-    data = tensor_bytes({"WA": lora.WA, "WB": lora.WB})
+    tensors = adapter_tensors(lora)
+    data = tensor_bytes(tensors)
     sidecar = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version([lora]),
         "package_version": __version__,
         **adapter_fields(lora, lora.path),
-        "tensors": {"WA": list(lora.WA.shape), "WB": list(lora.WB.shape)},
+        "tensors": {name: list(tensor.shape) for name, tensor in tensors.items()},
         "sha256": sha256_hex(data),
     }
     files = {TENSORS_FILE: data, SIDECAR_FILE: (json.dumps(sidecar, indent=2) + "\n").encode()}
@@ -125,9 +137,43 @@ def load_lora(directory: str | os.PathLike, module: "Envoy", cls: type["LORA"] |
     return build_lora(saved, module, LORA if cls is None else cls)
 
 
+#: The adapter types this format saves, by the name a sidecar records in ``type``.
+ADAPTER_TYPES = ("LORA", "DoRA")
+
+
+def adapter_tensors(lora: "LORA") -> dict[str, torch.Tensor]:
+    """The tensors one adapter saves, by name: ``WA``, ``WB``, and ``bias``/``magnitude`` if it has them."""
+    tensors = {"WA": lora.WA, "WB": lora.WB}
+    if lora.bias is not None:
+        tensors["bias"] = lora.bias
+    if getattr(lora, "magnitude", None) is not None:
+        tensors["magnitude"] = lora.magnitude
+    return tensors
+
+
+def format_version(adapters: list) -> int:
+    """1 for plain unbiased `LORA` adapters, which every version of this package reads; 2 otherwise."""
+    from ..optim.lora import LORA
+
+    plain = all(type(a) is LORA and a.bias is None for a in adapters)
+    return 1 if plain else FORMAT_VERSION
+
+
+def tensor_names(fields: dict[str, Any]) -> list[str]:
+    """The tensors a sidecar's checked ``fields`` say the adapter has."""
+    names = ["WA", "WB"]
+    if fields.get("bias", False):
+        names.append("bias")
+    if fields.get("type", "LORA") == "DoRA":
+        names.append("magnitude")
+    return names
+
+
 def adapter_fields(lora: "LORA", module_path: str) -> dict[str, Any]:
     """What a sidecar records of one adapter (the set format records the same per adapter)."""
     return {
+        "type": "DoRA" if getattr(lora, "magnitude", None) is not None else "LORA",
+        "bias": lora.bias is not None,
         "module_path": module_path,
         "module_type": type(lora.module._module).__name__,
         "r": lora.r,
@@ -141,18 +187,31 @@ def adapter_fields(lora: "LORA", module_path: str) -> dict[str, Any]:
 
 
 def build_lora(saved: SavedLora, module: "Envoy", cls: type["LORA"]) -> "LORA":
-    """A new adapter on ``module`` holding ``saved``'s weights (already checked to fit)."""
-    lora = cls(
-        module,
-        saved.r,
-        dropout=saved.dropout,
-        dtype=saved.WA.dtype,
-        input_dim=saved.input_dim,
-        output_dim=saved.output_dim,
-    )
+    """A new adapter on ``module`` holding ``saved``'s weights (already checked to fit).
+
+    A saved `DoRA` adapter comes back as a `DoRA`, whatever ``cls`` asked for.
+    """
+    if saved.kind == "DoRA":
+        from ..optim.dora import DoRA
+
+        lora = DoRA(module, saved.r, dropout=saved.dropout, dtype=saved.WA.dtype)
+    else:
+        lora = cls(
+            module,
+            saved.r,
+            dropout=saved.dropout,
+            dtype=saved.WA.dtype,
+            input_dim=saved.input_dim,
+            output_dim=saved.output_dim,
+            bias=saved.bias is not None,
+        )
     with torch.no_grad():
         lora.WA.copy_(saved.WA)
         lora.WB.copy_(saved.WB)
+        if saved.bias is not None:
+            lora.bias.copy_(saved.bias)
+        if saved.magnitude is not None:
+            lora.magnitude.copy_(saved.magnitude)
     lora.train(saved.training)
     return lora
 
@@ -170,12 +229,16 @@ def read_saved_lora(directory: str | os.PathLike) -> SavedLora:
         raise ValueError(f"`{sidecar_path}`: field `sha256` should be a str, got {sidecar.get('sha256')!r}.")
     # The header first: its names, shapes and dtypes must be the sidecar's before any data is read.
     header = read_header(tensors_path, allow_short=True)  # a short file fails the checksum below
-    if set(header) != {"WA", "WB"}:
-        raise ValueError(f"`{tensors_path}` should hold exactly the tensors `WA` and `WB`, but holds {sorted(header)}.")
-    for name in ("WA", "WB"):
+    names = tensor_names(sidecar)
+    if set(header) != set(names):
+        raise ValueError(
+            f"`{tensors_path}` should hold exactly the tensors {names} (`{sidecar_path}` describes a "
+            f"{sidecar.get('type', 'LORA')}{' with a bias' if sidecar.get('bias') else ''}), but holds {sorted(header)}."
+        )
+    for name in names:
         check_layout(sidecar, name, header[name], tensors_path, sidecar_path)
     tensors = read_checked_tensors(tensors_path, sidecar_path, sidecar["sha256"])
-    return saved_lora(sidecar, tensors["WA"], tensors["WB"], tensors_path, sidecar_path)
+    return saved_lora(sidecar, tensors, tensors_path, sidecar_path)
 
 
 def read_checked_tensors(tensors_path: Path, sidecar_path: Path, sha256: str) -> dict[str, torch.Tensor]:
@@ -193,17 +256,19 @@ def read_checked_tensors(tensors_path: Path, sidecar_path: Path, sha256: str) ->
 
 
 def saved_lora(
-    fields: dict[str, Any], WA: torch.Tensor, WB: torch.Tensor, tensors_path: Path, sidecar_path: Path, prefix: str = ""
+    fields: dict[str, Any], tensors: dict[str, torch.Tensor], tensors_path: Path, sidecar_path: Path, prefix: str = ""
 ) -> SavedLora:
     """One adapter's checked fields and tensors as a `SavedLora`; shapes, dtypes and values checked.
 
     ``prefix`` is what the tensors' names carry in the file (the set format
-    keys them by module path).
+    keys them by module path); ``tensors`` holds the file's tensors by full name.
     """
     r, input_dim, output_dim = fields["r"], fields["input_dim"], fields["output_dim"]
-    for name, tensor in (("WA", WA), ("WB", WB)):
+    own = {name: tensors[prefix + name] for name in tensor_names(fields)}
+    for name, tensor in own.items():
         check_layout(fields, prefix + name, tensor, tensors_path, sidecar_path)
         check_finite(tensor, prefix + name, tensors_path)
+    WA, WB = own["WA"], own["WB"]
     return SavedLora(
         r=r,
         input_dim=input_dim,
@@ -214,6 +279,9 @@ def saved_lora(
         module_path=fields["module_path"],
         WA=WA,
         WB=WB,
+        kind=fields.get("type", "LORA"),
+        bias=own.get("bias"),
+        magnitude=own.get("magnitude"),
     )
 
 
@@ -221,7 +289,12 @@ def check_layout(fields: dict[str, Any], name: str, tensor: Any, tensors_path: P
     """Tensor ``name`` (``...WA`` or ``...WB``; a tensor, or a `files.TensorInfo` read from the
     header) must have the shape and dtype the adapter's checked ``fields`` say."""
     r, input_dim, output_dim = fields["r"], fields["input_dim"], fields["output_dim"]
-    expected = (input_dim, r) if name.endswith("WA") else (r, output_dim)
+    if name.endswith("WA"):
+        expected = (input_dim, r)
+    elif name.endswith("WB"):
+        expected = (r, output_dim)
+    else:  # bias, magnitude: one number per output feature
+        expected = (output_dim,)
     if tuple(tensor.shape) != expected:
         raise ValueError(
             f"`{tensors_path}`: tensor `{name}` has shape {tuple(tensor.shape)}, but "
@@ -272,6 +345,12 @@ def check_adapter_fields(fields: Any, where: str) -> None:
             raise ValueError(
                 f"{where}: field `{key}` should be a {'positive int' if kind is int else kind.__name__}, got {value!r}."
             )
+    if fields.get("type", "LORA") not in ADAPTER_TYPES:
+        raise ValueError(f"{where}: field `type` should be one of {list(ADAPTER_TYPES)}, got {fields.get('type')!r}.")
+    if not isinstance(fields.get("bias", False), bool):
+        raise ValueError(f"{where}: field `bias` should be true or false, got {fields.get('bias')!r}.")
+    if fields.get("type") == "DoRA" and fields.get("bias"):
+        raise ValueError(f"{where}: a DoRA adapter has no bias (PEFT refuses `lora_bias` with DoRA too), but `bias` is true.")
     if not is_number(fields.get("dropout")) or not 0.0 <= fields["dropout"] < 1.0:
         raise ValueError(f"{where}: field `dropout` should be a number in [0, 1), got {fields.get('dropout')!r}.")
     from ..optim.lora import ADAPTER_DTYPES

@@ -4,9 +4,13 @@ A saved set is a directory::
 
     <directory>/
         lora_set.safetensors   "<module path>.WA" and "<module path>.WB" for every adapter
+                               (and ".bias", ".magnitude" where it has them);
+                               "<module path>.copy.<name>" for every tensor of a `ModuleCopy`
         lora_set.json          the format and package versions, the tensor file's
-                               SHA-256, and per adapter what `lora.json` records
-                               for one (r, widths, dtype, dropout, training, path)
+                               SHA-256, and per entry its ``type`` ("LORA", "DoRA" or
+                               "ModuleCopy") and what `lora.json` records for one
+                               adapter (r, widths, dtype, dropout, training, path), or
+                               for a copy the name, shape and dtype of each tensor
 
 Module paths are relative to the model (``transformer.h.0.attn.c_attn``), as in
 a Hugging Face ``state_dict``, so the set loads onto any nnsight wrapper of the
@@ -15,8 +19,10 @@ checks every adapter (its entry, tensors, checksum, and that the model has the
 module with the same widths) before it builds any; a failure names the file and
 the adapter at fault, and nothing is built.
 
-Compatibility: ``format_version`` is 1, read by every later version of this
-package; a file from a newer version is refused with a message to upgrade.
+Compatibility: a set of plain unbiased `LORA` adapters is written as
+``format_version`` 1, read by every version of this package; a set holding a
+`DoRA`, a biased adapter or a `ModuleCopy` as version 2, which older versions
+refuse with a message to upgrade; a file from a newer version is refused with a message to upgrade.
 """
 
 from __future__ import annotations
@@ -37,9 +43,17 @@ from .files import (
     sha256_hex,
     tensor_bytes,
 )
+from dataclasses import dataclass
+
+import torch
+
+from .files import check_finite
 from .native import (
     SavedLora,
     adapter_fields,
+    adapter_tensors,
+    format_version,
+    tensor_names,
     build_lora,
     check_adapter_fields,
     check_fits,
@@ -57,12 +71,22 @@ if TYPE_CHECKING:
 __all__ = ["SET_FORMAT", "SET_FORMAT_VERSION", "SET_TENSORS_FILE", "SET_SIDECAR_FILE", "save_lora_set", "load_lora_set"]
 
 SET_FORMAT = "nnsight-toolbox/lora-set"
-#: The version this package writes. Readers accept every version up to it.
-SET_FORMAT_VERSION = 1
+#: The newest version this package writes (for a set with a DoRA, a bias or a copy;
+#: plain sets are still written as 1). Readers accept every version up to it.
+SET_FORMAT_VERSION = 2
 SET_TENSORS_FILE = "lora_set.safetensors"
 SET_SIDECAR_FILE = "lora_set.json"
 
 _HINT = "Save a set there with `adapters.save(directory)`."
+
+
+@dataclass(frozen=True)
+class SavedCopy:
+    """A validated saved `ModuleCopy`, not yet placed on a module."""
+
+    module_path: str
+    training: bool
+    state: dict[str, torch.Tensor]
 
 
 def save_lora_set(adapters: "LoraSet", directory: str | os.PathLike) -> Path:
@@ -78,15 +102,30 @@ def save_lora_set(adapters: "LoraSet", directory: str | os.PathLike) -> Path:
     """
     from .. import __version__
 
+    from ..optim.module_copy import ModuleCopy
+
     entries, tensors = [], {}
     for path, lora in adapters.items():
         relative = _relative(path, adapters.root_path)
+        if isinstance(lora, ModuleCopy):
+            state = lora.copy.state_dict()
+            entries.append(
+                {
+                    "type": "ModuleCopy",
+                    "module_path": relative,
+                    "module_type": type(lora.module._module).__name__,
+                    "training": lora.training,
+                    "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in state.items()},
+                }
+            )
+            tensors.update({f"{relative}.copy.{k}": v for k, v in state.items()})
+            continue
         entries.append(adapter_fields(lora, relative))
-        tensors[f"{relative}.WA"], tensors[f"{relative}.WB"] = lora.WA, lora.WB
+        tensors.update({f"{relative}.{name}": tensor for name, tensor in adapter_tensors(lora).items()})
     data = tensor_bytes(tensors)
     sidecar = {
         "format": SET_FORMAT,
-        "format_version": SET_FORMAT_VERSION,
+        "format_version": format_version(list(adapters.values())),
         "package_version": __version__,
         "adapters": entries,
         "sha256": sha256_hex(data),
@@ -118,8 +157,31 @@ def load_lora_set(directory: str | os.PathLike, model: "Envoy", cls: type["LoraS
     saved = read_saved_set(directory)
     modules = _resolve_modules(saved, model, directory)
     for one, module in zip(saved, modules):
-        check_fits(one, module, directory)
-    return cls(build_lora(one, module, LORA) for one, module in zip(saved, modules))
+        if isinstance(one, SavedCopy):
+            _check_copy_fits(one, module, directory)
+        else:
+            check_fits(one, module, directory)
+    return cls(_build_copy(one, module) if isinstance(one, SavedCopy) else build_lora(one, module, LORA) for one, module in zip(saved, modules))
+
+
+def _check_copy_fits(saved: SavedCopy, module: "Envoy", directory: Path) -> None:
+    own = module._module.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in own.items()}
+    saved_shapes = {k: tuple(v.shape) for k, v in saved.state.items()}
+    if shapes != saved_shapes:
+        raise ValueError(
+            f"The module copy in `{directory}` for `{saved.module_path}` holds tensors "
+            f"{saved_shapes}, but the model's `{module.path}` has {shapes}. Load it onto the "
+            f"model it was trained on."
+        )
+
+
+def _build_copy(saved: SavedCopy, module: "Envoy") -> "ModuleCopy":
+    from ..optim.module_copy import ModuleCopy
+
+    copy = ModuleCopy._from_state(module, saved.state)
+    copy.train(saved.training)
+    return copy
 
 
 def read_saved_set(directory: str | os.PathLike) -> list[SavedLora]:
@@ -134,7 +196,10 @@ def read_saved_set(directory: str | os.PathLike) -> list[SavedLora]:
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"`{sidecar_path}`: field `adapters` should be a non-empty list, got {entries!r}.")
     for i, entry in enumerate(entries):
-        check_adapter_fields(entry, f"`{sidecar_path}`, adapter {i}")
+        if isinstance(entry, dict) and entry.get("type") == "ModuleCopy":
+            _check_copy_fields(entry, f"`{sidecar_path}`, entry {i}")
+        else:
+            check_adapter_fields(entry, f"`{sidecar_path}`, adapter {i}")
     paths = [entry["module_path"] for entry in entries]
     twice = sorted({p for p in paths if paths.count(p) > 1})
     if twice:
@@ -144,7 +209,8 @@ def read_saved_set(directory: str | os.PathLike) -> list[SavedLora]:
 
     # The header first: its names, shapes and dtypes must be the sidecar's before any data is read.
     header = read_header(tensors_path, allow_short=True)  # a short file fails the checksum below
-    expected = {f"{p}.{name}" for p in paths for name in ("WA", "WB")}
+    names = {p: _entry_tensor_names(entry) for entry, p in zip(entries, paths)}
+    expected = {f"{p}.{name}" for p in paths for name in names[p]}
     if set(header) != expected:
         missing, extra = sorted(expected - set(header)), sorted(set(header) - expected)
         raise ValueError(
@@ -152,16 +218,55 @@ def read_saved_set(directory: str | os.PathLike) -> list[SavedLora]:
             f"missing {missing[:4] or 'none'}, unexpected {extra[:4] or 'none'}. The two files do not belong together."
         )
     for entry, p in zip(entries, paths):
-        for name in ("WA", "WB"):
-            check_layout(entry, f"{p}.{name}", header[f"{p}.{name}"], tensors_path, sidecar_path)
+        for name in names[p]:
+            if entry.get("type") == "ModuleCopy":
+                _check_copy_layout(entry, name, header[f"{p}.{name}"], tensors_path, sidecar_path)
+            else:
+                check_layout(entry, f"{p}.{name}", header[f"{p}.{name}"], tensors_path, sidecar_path)
     tensors = read_checked_tensors(tensors_path, sidecar_path, sidecar["sha256"])
-    return [
-        saved_lora(entry, tensors[f"{p}.WA"], tensors[f"{p}.WB"], tensors_path, sidecar_path, prefix=f"{p}.")
-        for entry, p in zip(entries, paths)
-    ]
+    saved: list[SavedLora | SavedCopy] = []
+    for entry, p in zip(entries, paths):
+        if entry.get("type") == "ModuleCopy":
+            state = {name.removeprefix("copy."): tensors[f"{p}.{name}"] for name in names[p]}
+            for name, tensor in state.items():
+                if tensor.is_floating_point():
+                    check_finite(tensor, f"{p}.copy.{name}", tensors_path)
+            saved.append(SavedCopy(module_path=p, training=entry["training"], state=state))
+        else:
+            saved.append(saved_lora(entry, tensors, tensors_path, sidecar_path, prefix=f"{p}."))
+    return saved
 
 
-def _resolve_modules(saved: list[SavedLora], model: "Envoy", directory: Path) -> list["Envoy"]:
+def _entry_tensor_names(entry: dict) -> list[str]:
+    if entry.get("type") == "ModuleCopy":
+        return [f"copy.{name}" for name in entry["tensors"]]
+    return tensor_names(entry)
+
+
+def _check_copy_fields(entry: dict, where: str) -> None:
+    if not isinstance(entry.get("module_path"), str) or not isinstance(entry.get("training"), bool):
+        raise ValueError(f"{where}: a `ModuleCopy` entry needs `module_path` (a str) and `training` (true or false).")
+    tensors = entry.get("tensors")
+    ok = isinstance(tensors, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("shape"), list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v["shape"])
+        and isinstance(getattr(torch, str(v.get("dtype")), None), torch.dtype)
+        for v in tensors.values()
+    )
+    if not ok:
+        raise ValueError(f"{where}: field `tensors` should map each tensor name to its `shape` and `dtype`, got {tensors!r:.200}.")
+
+
+def _check_copy_layout(entry: dict, name: str, info, tensors_path: Path, sidecar_path: Path) -> None:
+    spec = entry["tensors"][name.removeprefix("copy.")]
+    dtype = getattr(torch, spec["dtype"])
+    if tuple(info.shape) != tuple(spec["shape"]) or info.dtype != dtype:
+        raise ValueError(
+            f"`{tensors_path}`: tensor `{entry['module_path']}.{name}` is {tuple(info.shape)} "
+            f"{info.dtype}, but `{sidecar_path}` says {tuple(spec['shape'])} {dtype}. The two files do not belong together."
+        )
+
+
+def _resolve_modules(saved: list, model: "Envoy", directory: Path) -> list["Envoy"]:
     """The model's Envoy at each saved path; an error listing every path the model lacks."""
     names = {name for name, _ in model._module.named_modules() if name}
     missing = [one.module_path for one in saved if one.module_path not in names]

@@ -19,9 +19,20 @@ of the module name (the first key that matches wins). Exporting picks
 ``lora_alpha = alpha * r`` so that ``s == alpha``; importing folds ``s`` into
 ``WB``, so ``lora()`` with the default ``alpha=1`` reproduces PEFT.
 
-Only plain LoRA on Linear, Conv1D and Embedding layers has this form; any
-other target, or any PEFT variant (DoRA, biases, prompt tuning, ...), is
-refused with an error that says why.
+Beyond plain LoRA (and rsLoRA), three LoRA options import and export::
+
+    use_dora=True      <module>.lora_magnitude_vector (out,)   -> `DoRA` (Linear, Conv1D)
+    lora_bias=True     <module>.lora_B.bias (out,)             -> `LORA(..., bias=True)`, bias scaled like WB
+    modules_to_save    <module>.<every state_dict tensor>      -> `ModuleCopy`, whose output replaces the module's
+
+PEFT saves a ``modules_to_save`` copy under the module's own name (it strips
+``modules_to_save.<adapter>.``; ``peft/utils/save_and_load.py``). Several
+adapters saved together lie in one tree: the adapter named ``default`` at the
+top, each other one in a subfolder of its name; ``adapter_name=`` picks one.
+
+Any other target, or any other PEFT variant (LoHa, LoKr, IA3, VeRA, aLoRA,
+``target_parameters``, prompt tuning, ...), is refused with an error that
+names it and lists what is supported.
 """
 
 from __future__ import annotations
@@ -62,6 +73,7 @@ if TYPE_CHECKING:
 
     from ..optim.adapter_set import LoraSet
     from ..optim.lora import LORA
+    from ..optim.module_copy import ModuleCopy
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "export_peft", "import_peft"]
 
@@ -82,13 +94,14 @@ _PARTS = {
     # embedding (`embed_tokens`, `lm_head`), to carry a resized vocabulary. It must be
     # the model's own weight, or the adapter alone would not reproduce PEFT.
     "base_layer.weight": ("base", None),
+    "lora_B.bias": ("bias", False),  # `lora_bias=True`
+    "lora_magnitude_vector": ("magnitude", None),  # DoRA's m, one per output feature
 }
 _KEY = re.compile(rf"^(?:{re.escape(KEY_PREFIX)})?(?P<name>.+)\.(?P<part>{'|'.join(map(re.escape, _PARTS))})$")
 
 #: LoRA config options that make an adapter something other than plain LoRA
 #: (set to anything but their default), with the name to give it.
 _VARIANTS = {
-    "use_dora": "DoRA (`use_dora`)",
     "use_qalora": "QALoRA (`use_qalora`)",
     "alora_invocation_tokens": "activated LoRA (`alora_invocation_tokens`)",
     "velora_config": "VeLoRA (`velora_config`)",
@@ -96,17 +109,22 @@ _VARIANTS = {
     "use_bdlora": "block-diagonal LoRA (`use_bdlora`)",
     "arrow_config": "Arrow routing (`arrow_config`)",
     "kasa_config": "KaSA (`kasa_config`)",
-    "lora_bias": "LoRA with a bias on `lora_B` (`lora_bias`)",
-    "modules_to_save": "fully trained module copies (`modules_to_save`)",
     "trainable_token_indices": "trainable tokens (`trainable_token_indices`)",
     "layer_replication": "layer replication (`layer_replication`)",
     "target_parameters": "LoRA on bare parameters (`target_parameters`)",
 }
+#: What `import_peft` and `export_peft` support, for error messages.
+SUPPORTED = (
+    "plain LoRA and rsLoRA (`use_rslora`) on `nn.Linear`, GPT-2 `Conv1D` and `nn.Embedding` layers, "
+    "DoRA (`use_dora`) on Linear and Conv1D layers, LoRA with a bias on `lora_B` (`lora_bias`), "
+    "and fully trained module copies (`modules_to_save`)"
+)
 #: ``init_lora_weights`` values that change the *base* weights when PEFT loads the
 #: adapter (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) or select a variant (MiCA).
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
 
-Adapters = Union["LORA", Mapping[str, "LORA"], Iterable["LORA"]]
+#: What `export_peft` takes: `LORA` (and `DoRA`) adapters and `ModuleCopy` interventions.
+Adapters = Union["LORA", "ModuleCopy", Mapping[str, Any], Iterable[Any]]
 
 
 # ---------------------------------------------------------------------------
@@ -130,8 +148,11 @@ def export_peft(
 
     Args:
         loras: One `LORA`, a list (any iterable) of them, or a mapping of
-            path to `LORA`, all on modules of one model. Each must sit on an
-            ``nn.Linear``, GPT-2 ``Conv1D`` or ``nn.Embedding``.
+            path to `LORA` (a `LoraSet`), all on modules of one model. Each must
+            sit on an ``nn.Linear``, GPT-2 ``Conv1D`` or ``nn.Embedding``. `DoRA`
+            adapters write PEFT's ``use_dora`` (all adapters DoRA, or none),
+            biased ones ``lora_bias``, and `ModuleCopy` interventions PEFT's
+            ``modules_to_save`` (with ``alpha=1`` only, beside at least one adapter).
         directory: Where to write (created if needed). The directory is replaced
             as a whole: an interrupted export leaves it as the complete old
             adapter or the complete new one, never a mix (PEFT's format has no
@@ -163,10 +184,13 @@ def export_peft(
         >>> base = AutoModelForCausalLM.from_pretrained(model.config.name_or_path)
         >>> peft_model = PeftModel.from_pretrained(base, "peft-adapter")   # computes c_fc(alpha=2.0)
     """
+    from ..optim.module_copy import ModuleCopy
+
     adapters = _as_list(loras)
     alpha = check_alpha(alpha)
     root = adapters[0].module.root
     entries: list[tuple[str, str, "LORA"]] = []  # (HF name, layer kind, adapter)
+    copies: list[tuple[str, dict[str, torch.Tensor]]] = []  # (HF name, state_dict) of each `ModuleCopy`
     seen: dict[str, str] = {}
     for lora in adapters:
         if lora.module.root is not root:
@@ -181,27 +205,79 @@ def export_peft(
                 f"Two adapters sit on `{lora.path}`; a PEFT adapter holds one per module. "
                 f"Export them to separate directories."
             )
+        if isinstance(lora, ModuleCopy):
+            state = lora.copy.state_dict()
+            for key, tensor in state.items():
+                if tensor.is_floating_point():
+                    check_finite(tensor.detach(), key, f"the copy of {lora.path}")
+            seen[name] = "copy"
+            copies.append((name, state))
+            continue
         kind = _exportable_kind(lora)
-        check_finite(lora.WA.detach(), "WA", f"the adapter on {lora.path}")
-        check_finite(lora.WB.detach(), "WB", f"the adapter on {lora.path}")
+        for part, tensor in (("WA", lora.WA), ("WB", lora.WB), ("bias", lora.bias), ("magnitude", getattr(lora, "magnitude", None))):
+            if tensor is not None:
+                check_finite(tensor.detach(), part, f"the adapter on {lora.path}")
         seen[name] = kind
         entries.append((name, kind, lora))
+    use_dora, lora_bias = _export_variant(entries, copies, alpha)
 
     tensors: dict[str, torch.Tensor] = {}
     for name, kind, lora in entries:
         a, b = ("lora_embedding_A", "lora_embedding_B") if kind == "Embedding" else ("lora_A.weight", "lora_B.weight")
         tensors[f"{KEY_PREFIX}{name}.{a}"] = lora.WA.detach().T  # (in, r) -> (r, in)
         tensors[f"{KEY_PREFIX}{name}.{b}"] = lora.WB.detach().T  # (r, out) -> (out, r)
+        if lora_bias:  # PEFT gives every lora_B a bias then; an unbiased adapter's is zero
+            bias = lora.bias.detach() if lora.bias is not None else torch.zeros(lora.output_dim, dtype=lora.WB.dtype)
+            tensors[f"{KEY_PREFIX}{name}.lora_B.bias"] = bias  # PEFT scales it with lora_B: alpha * bias
+        if use_dora:
+            tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = lora.magnitude.detach()
+    for name, state in copies:  # PEFT's layout: the module's own name, no `modules_to_save.<adapter>.`
+        tensors.update({f"{KEY_PREFIX}{name}.{key}": tensor for key, tensor in state.items()})
 
     config = _export_config(entries, alpha, root, base_model_name_or_path)
+    config.update(use_dora=use_dora, lora_bias=lora_bias, modules_to_save=[name for name, _ in copies] or None)
     files = {WEIGHTS_FILE: tensor_bytes(tensors), CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode()}
     return replace_directory(directory, files, "`export_peft`")
 
 
+def _export_variant(entries: list[tuple[str, str, "LORA"]], copies: list, alpha: float) -> tuple[bool, bool]:
+    """PEFT's ``use_dora`` and ``lora_bias`` for these adapters: one flag each for the whole adapter."""
+    if not entries:
+        raise ValueError(
+            "`export_peft` was given module copies only; PEFT's LoRA format needs at least one "
+            "low-rank adapter (`target_modules`) beside `modules_to_save`. Export them with the "
+            "adapters they were trained with, or save them with `LoraSet([...]).save(directory)`."
+        )
+    if copies and alpha != 1.0:
+        raise ValueError(
+            f"`export_peft` got alpha={alpha} and module copies (`modules_to_save`); PEFT scales "
+            f"the low-rank terms but swaps a copy in whole, so it could not compute the copies' "
+            f"blend. Export with alpha=1."
+        )
+    dora = [name for name, _, lora in entries if getattr(lora, "magnitude", None) is not None]
+    if dora and len(dora) != len(entries):
+        plain = next(name for name, _, lora in entries if getattr(lora, "magnitude", None) is None)
+        raise ValueError(
+            f"`export_peft` got DoRA adapters (e.g. on `{dora[0]}`) and plain ones (e.g. on "
+            f"`{plain}`); PEFT's `use_dora` holds for every module of an adapter. Export them to "
+            f"two directories."
+        )
+    biased = [name for name, _, lora in entries if lora.bias is not None]
+    embeddings = [name for name, kind, _ in entries if kind == "Embedding"]
+    if biased and embeddings:
+        raise ValueError(
+            f"`export_peft` got adapters with a bias (e.g. on `{biased[0]}`) and one on the "
+            f"embedding `{embeddings[0]}`; PEFT's `lora_bias` gives every module a bias, and PEFT "
+            f"refuses it on embeddings. Export the embedding's adapter to its own directory."
+        )
+    return bool(dora), bool(biased)
+
+
 def _as_list(loras: Any) -> list["LORA"]:
     from ..optim.lora import LORA
+    from ..optim.module_copy import ModuleCopy
 
-    if isinstance(loras, LORA):
+    if isinstance(loras, (LORA, ModuleCopy)):
         adapters = [loras]
     elif isinstance(loras, Mapping):
         adapters = list(loras.values())
@@ -212,9 +288,12 @@ def _as_list(loras: Any) -> list["LORA"]:
             f"`export_peft` takes a `LORA`, a list of them, or a mapping of path to `LORA`, "
             f"got {type(loras).__name__}."
         )
-    wrong = [type(a).__name__ for a in adapters if not isinstance(a, LORA)]
+    wrong = [type(a).__name__ for a in adapters if not isinstance(a, (LORA, ModuleCopy))]
     if wrong:
-        raise TypeError(f"`export_peft` exports `LORA` adapters only, but was also given: {', '.join(wrong)}.")
+        raise TypeError(
+            f"`export_peft` exports `LORA`, `DoRA` and `ModuleCopy` interventions only, but was "
+            f"also given: {', '.join(wrong)}."
+        )
     if not adapters:
         raise ValueError("`export_peft` was given no adapters; pass at least one `LORA`.")
     return adapters
@@ -299,9 +378,22 @@ class _Target:
     config_path: Path
     A: torch.Tensor  # (r, in), or (r, V) for an embedding
     B: torch.Tensor  # (out, r), or (dim, r)
+    bias: torch.Tensor | None = None  # (out,), with `lora_bias`
+    magnitude: torch.Tensor | None = None  # (out,), DoRA's m
 
 
-def import_peft(model: Envoy, directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> LoraSet:
+@dataclass(frozen=True)
+class _Copy:
+    """One of PEFT's `modules_to_save`, checked against the model: its whole saved state."""
+
+    envoy: "Envoy"
+    name: str
+    state: dict[str, torch.Tensor]
+
+
+def import_peft(
+    model: Envoy, directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32, adapter_name: str | None = None
+) -> LoraSet:
     """Adapters that reproduce a PEFT LoRA adapter inside nnsight traces.
 
     Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (never a
@@ -314,12 +406,24 @@ def import_peft(model: Envoy, directory: str | os.PathLike, *, dtype: torch.dtyp
     The adapters come back in eval mode (dropout off), as PEFT loads an adapter
     for inference; call ``.train()`` on one to train it further.
 
+    What each part of a PEFT adapter becomes:
+
+    - a LoRA pair: a `LORA`; with ``lora_bias=True`` one with a ``bias`` (PEFT's
+      ``lora_B.bias``, scaled like ``WB``);
+    - with ``use_dora=True``: a `DoRA`, holding PEFT's ``lora_magnitude_vector``;
+    - each of ``modules_to_save``: a `ModuleCopy` holding the saved module,
+      whose output replaces the module's on the invoke's rows.
+
     Args:
         model: The nnsight model the adapter was trained on (its root, e.g.
             ``TransformersModel(...)``), loaded or not.
         directory: A PEFT LoRA adapter directory, written by PEFT's
             ``save_pretrained`` or by `export_peft`.
-        dtype: The adapters' dtype; float32 as PEFT computes by default.
+        dtype: The adapters' dtype; float32 as PEFT computes by default. A
+            `ModuleCopy` keeps its module's dtype, as PEFT's copy does.
+        adapter_name: Which adapter of a tree PEFT saved with several (the one
+            named ``"default"`` at the top, each other in a subfolder of its
+            name). Needed only when the directory holds more than one.
 
     Returns:
         A `LoraSet`: a mapping ``{module path: LORA}`` in the order the modules
@@ -327,10 +431,11 @@ def import_peft(model: Envoy, directory: str | os.PathLike, *, dtype: torch.dtyp
         equal to ``lora.path``), that switches every adapter on with one call.
 
     Raises:
-        FileNotFoundError: The directory or one of its two files is missing.
-        ValueError: A config that is not plain LoRA (another ``peft_type``, DoRA,
-            ...), a damaged file, or a tensor that does not fit the model; the
-            message names the file.
+        FileNotFoundError: The directory or one of its two files is missing, or
+            ``adapter_name`` names no adapter there.
+        ValueError: A config this package does not reproduce (another ``peft_type``,
+            LoHa, ...), several adapters and no ``adapter_name``, a damaged file,
+            or a tensor that does not fit the model; the message names the file.
 
     Examples:
         >>> export_peft(LORA(model.transformer.h[0].mlp.c_fc, r=8), "peft-adapter")  # or PEFT's save_pretrained
@@ -343,7 +448,9 @@ def import_peft(model: Envoy, directory: str | os.PathLike, *, dtype: torch.dtyp
         ...     logits = model.lm_head.output.save()
     """
     from ..optim.adapter_set import LoraSet
+    from ..optim.dora import DoRA
     from ..optim.lora import LORA, _check_dtype, _check_envoy
+    from ..optim.module_copy import ModuleCopy
 
     _check_envoy(model)
     if model.root is not model:
@@ -352,33 +459,82 @@ def import_peft(model: Envoy, directory: str | os.PathLike, *, dtype: torch.dtyp
             f"got the module `{model.path}`. Pass `model` itself."
         )
     _check_dtype(dtype)
-    settings, targets = _read_peft_adapter(model, Path(directory))
+    directory = _adapter_directory(Path(directory), adapter_name)
+    settings, targets, copies = _read_peft_adapter(model, directory)
     factors = [_factors(target, dtype) for target in targets]  # all checked before any adapter is built
-    loras: list[LORA] = []
-    for target, (WA, WB) in zip(targets, factors):
-        lora = LORA(target.envoy, target.r, dropout=settings.dropout, dtype=dtype)
+    members: list[Any] = []
+    for target, (WA, WB, bias) in zip(targets, factors):
+        if target.magnitude is not None:
+            lora = DoRA(target.envoy, target.r, dropout=settings.dropout, dtype=dtype)
+        else:
+            lora = LORA(target.envoy, target.r, dropout=settings.dropout, dtype=dtype, bias=bias is not None)
         with torch.no_grad():
             lora.WA.copy_(WA)
             lora.WB.copy_(WB)
-        loras.append(lora)
-    return LoraSet(loras).eval()  # as PEFT loads an adapter: dropout off, in every adapter of the set
+            if bias is not None:
+                lora.bias.copy_(bias)
+            if target.magnitude is not None:
+                lora.magnitude.copy_(target.magnitude.to(dtype))
+        members.append(lora)
+    for saved in copies:
+        members.append(ModuleCopy._from_state(saved.envoy, saved.state))
+    return LoraSet(members).eval()  # as PEFT loads an adapter: dropout off, in every adapter of the set
 
 
-def _factors(target: _Target, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(WA, WB)`` in ``dtype`` with PEFT's scale folded into ``WB``; refused if that overflows."""
+def _factors(target: _Target, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(WA, WB, bias)`` in ``dtype`` with PEFT's scale folded into ``WB`` and the bias; refused if that overflows.
+
+    PEFT computes ``lora_B(lora_A(x)) * scaling``, so ``lora_B``'s bias is scaled too.
+    """
     WA = target.A.T.to(dtype)  # (r, in) -> (in, r)
     WB = (target.B.T.to(torch.float64) * target.scale).to(dtype)  # (out, r) -> (r, out), scaled
-    if not bool(torch.isfinite(WB).all()):
+    bias = None if target.bias is None else (target.bias.to(torch.float64) * target.scale).to(dtype)
+    if not bool(torch.isfinite(WB).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
         raise ValueError(
             f"`{target.config_path}`: {target.scale_source} makes PEFT's scale for `{target.name}` "
             f"{target.scale:g}, and `lora_B` times that scale overflows {dtype} (the imported "
             f"adapter would output infinities). The config is damaged, or the adapter diverged; "
             f"PEFT would compute infinities with it too."
         )
-    return WA, WB
+    return WA, WB, bias
 
 
-def _read_peft_adapter(model: "Envoy", directory: Path) -> tuple["_Settings", list[_Target]]:
+def _adapter_directory(directory: Path, adapter_name: str | None) -> Path:
+    """The folder of the adapter to import: ``directory``, or its subfolder for ``adapter_name``.
+
+    PEFT's ``save_pretrained`` writes the adapter named ``"default"`` into the
+    directory itself and each other adapter into a subfolder of its name.
+    """
+    if adapter_name is not None and not isinstance(adapter_name, str):
+        raise TypeError(f"`adapter_name` must be a str (a PEFT adapter's name), got {type(adapter_name).__name__}.")
+    top = saved_directory(directory)
+    if not top.is_dir():
+        return directory  # `_read_peft_adapter` says what is missing
+    names = {"default": top} if (top / CONFIG_FILE).is_file() else {}
+    names.update({sub.name: sub for sub in sorted(top.iterdir()) if sub.is_dir() and (sub / CONFIG_FILE).is_file()})
+    if adapter_name is None:
+        if names and "default" not in names:
+            raise FileNotFoundError(
+                f"`{directory}` holds no adapter at its top (`{CONFIG_FILE}`), only in subfolders: "
+                f"{', '.join(repr(n) for n in names)}. Pick one with "
+                f"`import_peft(model, directory, adapter_name=...)`."
+            )
+        if len(names) > 1:
+            raise ValueError(
+                f"`{directory}` holds {len(names)} PEFT adapters: {', '.join(repr(n) for n in names)} "
+                f"(PEFT saves the one named 'default' at the top and each other in a subfolder of "
+                f"its name). Pick one with `import_peft(model, directory, adapter_name=...)`."
+            )
+        return directory
+    if adapter_name not in names:
+        raise FileNotFoundError(
+            f"`{directory}` holds no PEFT adapter named {adapter_name!r}; it holds "
+            f"{', '.join(repr(n) for n in names) or 'none'}. Pass one of those as `adapter_name`."
+        )
+    return names[adapter_name] if adapter_name != "default" else directory
+
+
+def _read_peft_adapter(model: "Envoy", directory: Path) -> tuple["_Settings", list[_Target], list[_Copy]]:
     """Every check of a PEFT adapter directory against ``model``, in module order.
 
     Shapes are checked against the safetensors header before any tensor data is read.
@@ -398,6 +554,9 @@ def _read_peft_adapter(model: "Envoy", directory: Path) -> tuple["_Settings", li
     config = read_json(config_path)
     settings = _check_config(config, config_path)
     header = read_header(weights_path)  # no tensor data yet: a file larger than its header is refused
+    order = {name: index for index, (name, _) in enumerate(model._module.named_modules())}
+    copy_keys = _module_copy_keys(model, header, settings, weights_path)
+    header = {key: info for key, info in header.items() if key not in copy_keys}
 
     groups: dict[str, dict[str, TensorInfo]] = {}
     keys: dict[tuple[str, str], str] = {}  # (name, role) -> the key that supplied it
@@ -421,16 +580,14 @@ def _read_peft_adapter(model: "Envoy", directory: Path) -> tuple["_Settings", li
         keys[name, role] = key
         groups.setdefault(name, {})[role] = info
     if strays:
-        dora = any("lora_magnitude_vector" in key for key in strays)
         raise ValueError(
-            f"`{weights_path}` holds tensors a plain LoRA adapter does not have, e.g. "
-            f"{strays[:3]}{' (DoRA magnitude vectors)' if dora else ''}. `import_peft` takes "
-            f"plain LoRA (`lora_A`/`lora_B`, `lora_embedding_A`/`lora_embedding_B`) only."
+            f"`{weights_path}` holds tensors that are neither LoRA tensors nor those of a module "
+            f"in the config's `modules_to_save` ({settings.modules_to_save or 'none'}), e.g. "
+            f"{strays[:3]}. `import_peft` takes {SUPPORTED}."
         )
-    if not groups:
+    if not groups and not copy_keys:
         raise ValueError(f"`{weights_path}` holds no LoRA tensors.")
 
-    order = {name: index for index, (name, _) in enumerate(model._module.named_modules())}
     missing = [name for name in groups if name not in order]
     if missing:
         raise ValueError(
@@ -440,6 +597,8 @@ def _read_peft_adapter(model: "Envoy", directory: Path) -> tuple["_Settings", li
         )
     targets = []
     for name in sorted(groups, key=order.__getitem__):
+        if name not in kinds and "magnitude" in groups[name]:
+            kinds[name] = layer_kind(envoy_at(model, name)._module) == "Embedding"
         if name not in kinds:
             raise ValueError(
                 f"`{weights_path}` holds a base weight for `{name}` (`{name}.base_layer.weight`) "
@@ -450,7 +609,65 @@ def _read_peft_adapter(model: "Envoy", directory: Path) -> tuple["_Settings", li
     for name in sorted(groups, key=order.__getitem__):
         pair = {role: tensors[keys[name, role]] for role in groups[name]}
         targets.append(_check_target(envoy_at(model, name), name, pair, settings, weights_path, config_path, keys))
-    return settings, targets
+    copies = []
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, (name, tensor_name) in copy_keys.items():
+        if tensors[key].is_floating_point():
+            check_finite(tensors[key], key, weights_path)
+        by_module.setdefault(name, {})[tensor_name] = tensors[key]
+    for name in sorted(by_module, key=order.__getitem__):
+        copies.append(_Copy(envoy=envoy_at(model, name), name=name, state=by_module[name]))
+    return settings, targets, copies
+
+
+def _module_copy_keys(
+    model: "Envoy", header: dict[str, TensorInfo], settings: "_Settings", path: Path
+) -> dict[str, tuple[str, str]]:
+    """The saved tensors of PEFT's ``modules_to_save``: key -> (module name, tensor name in its state_dict).
+
+    PEFT wraps every module whose name ends with an entry (a plain ``endswith``,
+    as ``peft.utils.other._set_trainable`` matches; the outermost, when they nest) and saves the copy's whole ``state_dict``
+    under the module's own name. Each such module must be saved whole, and fit.
+    """
+    if not settings.modules_to_save:
+        return {}
+    from ..optim.module_copy import _check_single_input
+
+    names = [
+        name
+        for name, _ in model._module.named_modules()
+        if name and any(name.endswith(entry) for entry in settings.modules_to_save)  # PEFT's `_set_trainable` rule
+    ]
+    names = [name for name in names if not any(name.startswith(outer + ".") for outer in names)]
+    found: dict[str, tuple[str, str]] = {}
+    for name in names:
+        module = model._module.get_submodule(name)
+        expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+        present = {}
+        for tensor_name in expected:
+            for key in (f"{KEY_PREFIX}{name}.{tensor_name}", f"{name}.{tensor_name}"):
+                if key in header:
+                    present[tensor_name] = key
+        if not present:
+            continue  # PEFT's defaults (`classifier`, `score`) may name modules the adapter did not save
+        if set(present) != set(expected):
+            raise ValueError(
+                f"`{path}` saves only {sorted(present)} of `{name}`, a module in `modules_to_save`, "
+                f"but its copy needs all of {sorted(expected)}. The file is incomplete."
+            )
+        for tensor_name, key in present.items():
+            info = header[key]
+            if tuple(info.shape) != expected[tensor_name]:
+                raise ValueError(
+                    f"`{path}`: `{key}` has shape {tuple(info.shape)}, but the model's `{name}.{tensor_name}` "
+                    f"has {expected[tensor_name]}. Was the adapter trained on another model?"
+                )
+            found[key] = (name, tensor_name)
+        try:
+            _check_single_input(envoy_at(model, name))
+        except TypeError as error:
+            raise ValueError(f"`{path}` saves a trained copy of `{name}` (`modules_to_save`), which cannot be imported: {error}") from None
+    return found
 
 
 @dataclass(frozen=True)
@@ -461,6 +678,9 @@ class _Settings:
     dropout: float
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
+    use_dora: bool = False
+    lora_bias: bool = False
+    modules_to_save: tuple[str, ...] = ()
 
     def rank_and_scale(self, name: str) -> tuple[int, float, str]:
         """PEFT's rank and scaling for module ``name``, and which setting gave the alpha."""
@@ -484,14 +704,14 @@ def _check_config(config: dict[str, Any], path: Path) -> _Settings:
     if peft_type != "LORA":
         raise ValueError(
             f"`{path}` describes a {peft_type!r} adapter (`peft_type`), but `import_peft` takes "
-            f"plain LoRA adapters (`peft_type` 'LORA') only. Load it with "
+            f"LoRA adapters (`peft_type` 'LORA'): {SUPPORTED}. Load it with "
             f"`peft.PeftModel.from_pretrained` instead."
         )
     for key, variant in _VARIANTS.items():
         if config.get(key) not in (None, False, [], {}):
             raise ValueError(
-                f"`{path}` describes a {variant} adapter, not plain LoRA, and `import_peft` "
-                f"takes plain LoRA only. Load it with `peft.PeftModel.from_pretrained` instead."
+                f"`{path}` describes a {variant} adapter, which `import_peft` does not reproduce; "
+                f"it takes {SUPPORTED}. Load it with `peft.PeftModel.from_pretrained` instead."
             )
     if config.get("bias", "none") != "none":
         raise ValueError(
@@ -535,7 +755,22 @@ def _check_config(config: dict[str, Any], path: Path) -> _Settings:
                     f"positive int (PEFT divides by it). Fix the entry, or drop it to use `r`={r}."
                 )
         patterns[key] = pattern
-    return _Settings(r, float(lora_alpha), use_rslora, float(dropout), patterns["rank_pattern"], patterns["alpha_pattern"])
+    flags = {}
+    for key in ("use_dora", "lora_bias"):
+        flags[key] = config.get(key, False)
+        if not isinstance(flags[key], bool):
+            raise ValueError(f"`{path}`: `{key}` should be true or false, got {flags[key]!r}.")
+    if flags["use_dora"] and flags["lora_bias"]:
+        raise ValueError(f"`{path}` sets both `use_dora` and `lora_bias`, which PEFT refuses together; the config is damaged.")
+    modules_to_save = config.get("modules_to_save") or []
+    if isinstance(modules_to_save, str):
+        modules_to_save = [modules_to_save]
+    if not isinstance(modules_to_save, list) or not all(isinstance(m, str) for m in modules_to_save):
+        raise ValueError(f"`{path}`: `modules_to_save` should be a list of module names, got {modules_to_save!r}.")
+    return _Settings(
+        r, float(lora_alpha), use_rslora, float(dropout), patterns["rank_pattern"], patterns["alpha_pattern"],
+        use_dora=flags["use_dora"], lora_bias=flags["lora_bias"], modules_to_save=tuple(modules_to_save),
+    )
 
 
 def _check_layout(
@@ -572,6 +807,29 @@ def _check_layout(
             )
         if not info.is_floating_point():
             raise ValueError(f"`{path}`: tensor `{full}` is {info.dtype or info.code}, not floating point.")
+    if embedding and settings.use_dora:
+        raise ValueError(
+            f"`{path}` is a DoRA adapter on the embedding `{name}`; `import_peft` reproduces DoRA "
+            f"on Linear and Conv1D layers only. Load it with `peft.PeftModel.from_pretrained` instead."
+        )
+    for role, flag, tensor_name in (("magnitude", settings.use_dora, "lora_magnitude_vector"), ("bias", settings.lora_bias, "lora_B.bias")):
+        if flag and role not in pair:
+            raise ValueError(
+                f"`{path}` has no `{KEY_PREFIX}{name}.{tensor_name}`, which the config's "
+                f"`{'use_dora' if role == 'magnitude' else 'lora_bias'}` needs for each adapted module."
+            )
+        if role in pair:
+            full = keys[name, role]
+            if not flag:
+                raise ValueError(
+                    f"`{path}` holds `{full}`, but the config does not set "
+                    f"`{'use_dora' if role == 'magnitude' else 'lora_bias'}`; the two files do not belong together."
+                )
+            if tuple(pair[role].shape) != (dims.output_dim,):
+                raise ValueError(
+                    f"`{path}`: tensor `{full}` has shape {tuple(pair[role].shape)}, but the model's "
+                    f"{kind} `{name}` needs {(dims.output_dim,)}. Was the adapter trained on another model?"
+                )
     if "base" in pair:
         _check_saved_base_shape(envoy, name, pair["base"], path)
 
@@ -586,13 +844,15 @@ def _check_target(
     keys: dict[tuple[str, str], str],
 ) -> _Target:
     """One module's tensors, read after `_check_layout` passed: finite, and a base weight that is the model's."""
-    for role in "AB":
-        check_finite(pair[role], keys[name, role], path)
+    for role in ("A", "B", "bias", "magnitude"):
+        if role in pair:
+            check_finite(pair[role], keys[name, role], path)
     if "base" in pair:
         _check_saved_base_weight(envoy, name, pair["base"], path)
     r, scale, source = settings.rank_and_scale(name)
     return _Target(
-        envoy=envoy, name=name, r=r, scale=scale, scale_source=source, config_path=config_path, A=pair["A"], B=pair["B"]
+        envoy=envoy, name=name, r=r, scale=scale, scale_source=source, config_path=config_path, A=pair["A"], B=pair["B"],
+        bias=pair.get("bias"), magnitude=pair.get("magnitude"),
     )
 
 

@@ -5,7 +5,9 @@ Examples:
 """
 
 from .adapter_set import LoraSet
+from .dora import DoRA
 from .lora import LORA
+from .module_copy import ModuleCopy
 from .optimization import Optimization
 
-__all__ = ["LORA", "LoraSet", "Optimization"]
+__all__ = ["DoRA", "LORA", "LoraSet", "ModuleCopy", "Optimization"]

@@ -36,6 +36,7 @@ from .activation import Steps, activate_many, check_alpha, normalize_steps
 from .positions import Positions, normalize_positions
 from .dims import infer_many_dims
 from .lora import LORA
+from .module_copy import ModuleCopy
 from .paths import envoy_at
 from .optimization import Optimization
 from .targets import Layers, Targets, match_targets
@@ -44,6 +45,10 @@ if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
 
 __all__ = ["LoraSet", "ParameterCount"]
+
+#: What a set holds, one per module: low-rank adapters (`LORA`, and its subclass
+#: `DoRA`) and, for PEFT's ``modules_to_save``, trained copies of whole modules.
+SET_MEMBERS = (LORA, ModuleCopy)
 
 
 class ParameterCount(NamedTuple):
@@ -70,7 +75,9 @@ class LoraSet(Optimization, Mapping):
 
     An `Optimization` (one ``parameters()`` list for one optimizer, one call to
     apply them all) and a read-only mapping from module path to `LORA`, in the
-    order the model reaches the modules. Build one with `LORA.on` (by matching
+    order the model reaches the modules. A set may also hold `DoRA` adapters
+    and `ModuleCopy` interventions (what `import_peft` builds for PEFT's DoRA
+    and ``modules_to_save``), one per module like any adapter. Build one with `LORA.on` (by matching
     module names) or from adapters you already have.
 
     Keys are nnsight paths (``"model.transformer.h.0.attn.c_attn"``); indexing
@@ -78,8 +85,8 @@ class LoraSet(Optimization, Mapping):
     (``"transformer.h.0.attn.c_attn"``) or the module's Envoy.
 
     Args:
-        adapters: The adapters, each on a different module of the same model,
-            none inside another's module.
+        adapters: The adapters (`LORA`, `DoRA`, `ModuleCopy`), each on a
+            different module of the same model, none inside another's module.
 
     Examples:
         >>> adapters = LoraSet([LORA(model.transformer.h[0].mlp, r=4), LORA(model.transformer.h[1].mlp, r=4)])
@@ -341,7 +348,7 @@ class LoraSet(Optimization, Mapping):
         print(f"trainable params: {count.trainable:,d} || all params: {count.total:,d} || trainable%: {count.percent:.4f}")
 
     def __repr__(self) -> str:
-        lines = [f"  ({path}): {lora.extra_repr().split(', ', 1)[1]}" for path, lora in self._by_path.items()]
+        lines = [f"  ({path}): {type(lora).__name__}({lora.extra_repr().split(', ', 1)[1]})" for path, lora in self._by_path.items()]
         return f"{type(self).__name__}(\n" + "\n".join(lines) + "\n)"
 
 
@@ -351,17 +358,17 @@ class LoraSet(Optimization, Mapping):
 
 
 def _check_adapters(adapters: Any) -> list[LORA]:
-    if isinstance(adapters, LORA) or isinstance(adapters, str) or not isinstance(adapters, Iterable):
+    if isinstance(adapters, SET_MEMBERS) or isinstance(adapters, str) or not isinstance(adapters, Iterable):
         raise TypeError(
             f"`LoraSet` takes an iterable of `LORA` adapters, got {type(adapters).__name__}. "
             f"To build adapters by module name, use `LORA.on(model, ['q_proj', 'v_proj'], r=8)`."
         )
     adapters = list(adapters.values() if isinstance(adapters, Mapping) else adapters)
-    wrong = [type(a).__name__ for a in adapters if not isinstance(a, LORA)]
+    wrong = [type(a).__name__ for a in adapters if not isinstance(a, SET_MEMBERS)]
     if not adapters or wrong:
         raise TypeError(
-            f"`LoraSet` takes a non-empty iterable of `LORA` adapters, got "
-            f"{'nothing' if not adapters else 'a ' + wrong[0]}."
+            f"`LoraSet` takes a non-empty iterable of `LORA`, `DoRA` or `ModuleCopy` "
+            f"interventions, got {'nothing' if not adapters else 'a ' + wrong[0]}."
         )
     roots = {id(lora.module.root) for lora in adapters}
     if len(roots) > 1:

@@ -70,6 +70,9 @@ class LORA(Optimization):
         input_dim: The input width, for a module whose widths cannot be inferred
             (no known weight, and no tokenizer to scan the model with).
         output_dim: The output width, likewise.
+        bias: Whether the low-rank term carries a trainable bias of width
+            ``output_dim``, added with it and scaled by ``alpha`` too (PEFT's
+            ``lora_bias=True``, a bias on ``lora_B``). Off by default.
 
     Attributes:
         module: The Envoy the adapter acts on.
@@ -80,6 +83,7 @@ class LORA(Optimization):
         output_dim: Width of the module's output.
         dropout: Dropout probability on the adapter's input.
         takes_ids: Whether the module is an embedding, whose input is token ids.
+        bias: ``torch.nn.Parameter`` of shape ``(output_dim,)`` with ``bias=True``, else ``None``.
 
     Examples:
         >>> lora = LORA(model.transformer.h[0].mlp, r=8)
@@ -164,6 +168,18 @@ class LORA(Optimization):
         True
     """
 
+    bias: torch.nn.Parameter | None
+    """The low-rank term's bias ``(output_dim,)`` (PEFT's ``lora_B.bias``), or ``None`` without ``bias=True``.
+
+    Starts at zero, as PEFT's does.
+
+    Examples:
+        >>> LORA(model.transformer.h[0].mlp.c_fc, r=8, bias=True).bias.shape
+        torch.Size([128])
+        >>> LORA(model.transformer.h[0].mlp.c_fc, r=8).bias is None
+        True
+    """
+
     # The merge record belongs to this object alone: a copy is never merged, so
     # exactly one object can take a merge back out (see `Optimization.__deepcopy__`).
     _not_copied = ("_merge_record",)
@@ -177,6 +193,7 @@ class LORA(Optimization):
         dtype: torch.dtype = torch.float32,
         input_dim: int | None = None,
         output_dim: int | None = None,
+        bias: bool = False,
     ) -> None:
         """An adapter of rank ``r`` on ``module``; see the class for the arguments.
 
@@ -192,6 +209,8 @@ class LORA(Optimization):
         _check_rank(r)
         _check_dropout(dropout)
         _check_dtype(dtype)
+        if not isinstance(bias, bool):
+            raise TypeError(f"`bias` must be True or False, got {bias!r}.")
         Optimization.__init__(self)
         dims = _resolve_dims(module, input_dim, output_dim)
         self.module = module
@@ -203,6 +222,10 @@ class LORA(Optimization):
         device = _home_device(module)
         self.WA = torch.nn.Parameter(torch.empty(dims.input_dim, r, device=device, dtype=dtype))
         self.WB = torch.nn.Parameter(torch.zeros(r, dims.output_dim, device=device, dtype=dtype))
+        # A plain bool, read first thing in `add_delta`: an instance-dict hit, so the
+        # usual unbiased adapter pays nothing for the option.
+        self._has_bias = bias
+        self.register_parameter("bias", torch.nn.Parameter(torch.zeros(dims.output_dim, device=device, dtype=dtype)) if bias else None)
         self._merge_record = None  # set while merged into the module's weight (see `merge`)
         self.reset_parameters()
 
@@ -244,7 +267,7 @@ class LORA(Optimization):
         return self.module.path
 
     def reset_parameters(self) -> None:
-        """Re-initialise: ``WA`` kaiming-uniform with a=sqrt(5), ``WB`` zeros.
+        """Re-initialise: ``WA`` kaiming-uniform with a=sqrt(5), ``WB`` (and ``bias``) zeros.
 
         This is PEFT's initialisation of ``lora_A`` (whose weight is ``WA.T``, so
         the fan-in is ``input_dim``): uniform on ``[-1/sqrt(input_dim), 1/sqrt(input_dim)]``.
@@ -256,6 +279,8 @@ class LORA(Optimization):
         with torch.no_grad():
             self.WA.uniform_(-bound, bound)
             self.WB.zero_()
+            if self.bias is not None:
+                self.bias.zero_()  # PEFT zeroes `lora_B.bias` with `lora_B.weight`
 
     def forward(self, alpha: float = 1.0, *, steps: Steps = None, positions: Positions = None) -> None:
         """``lora(alpha=1.0)``: switch the adapter on for the running trace, from this call onward.
@@ -327,7 +352,7 @@ class LORA(Optimization):
         activate(self, self.module, alpha, steps, "lora()", chosen)
 
     def delta(self, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        """``alpha * dropout(x) @ WA @ WB`` in the adapter's dtype: the term ``lora()`` adds.
+        """``alpha * (dropout(x) @ WA @ WB + bias)`` in the adapter's dtype: the term ``lora()`` adds.
 
         Args:
             x: The module's first input, ``(..., input_dim)``, or token ids for an embedding.
@@ -339,7 +364,8 @@ class LORA(Optimization):
             True
         """
         WA, WB = self._factors()
-        return self._up(self._down(x, WA), WB, alpha)
+        delta = self._up(self._down(x, WA), WB, alpha)
+        return delta + alpha * self.bias if self._has_bias else delta
 
     def add_delta(self, output: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         """``output + alpha * delta(x)``, summed in the adapter's dtype and rounded once to ``output``'s.
@@ -361,6 +387,8 @@ class LORA(Optimization):
             >>> torch.allclose(lora.add_delta(out, x, 0.5), out + lora.delta(x, 0.5))
             True
         """
+        if self._has_bias:
+            return self._add_biased_delta(output, x, alpha)
         WA, WB = self._factors()
         hidden = self._down(x, WA)  # (..., r)
         if output.dtype == WB.dtype and output.numel() >= FUSE_MIN_ELEMENTS:
@@ -387,6 +415,13 @@ class LORA(Optimization):
         >>> torch.equal(lora.intervene(out, x, 0.5), lora.add_delta(out, x, 0.5))
         True
     """
+
+    def _add_biased_delta(self, output: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        """`add_delta` with a bias: PEFT's ``lora_B(lora_A(x)) * scaling``, whose ``lora_B`` is biased."""
+        delta = self.delta(x, alpha)  # alpha * (x @ WA @ WB + bias), in the adapter's dtype
+        if delta.shape != output.shape:
+            raise self._mismatch(output, delta.shape[:-1])
+        return output + delta if output.dtype == delta.dtype else (output + delta).to(output.dtype)
 
     def _mismatch(self, output: torch.Tensor, leading: torch.Size) -> ValueError:
         return ValueError(
@@ -501,6 +536,9 @@ class LORA(Optimization):
         second merge is refused (`RuntimeError`); so is one that would write NaN/Inf
         (`ValueError`, weight untouched), and one on a block (`TypeError`). Dropout
         is not applied. Keeps a CPU copy of the weight so `unmerge` is bit-exact.
+        An adapter with a ``bias`` adds ``alpha * bias`` to the layer's bias, as
+        PEFT does, and is refused (`RuntimeError`) on a layer without one. A `DoRA`
+        adapter writes PEFT's DoRA weight, ``m / ||W + alpha * dW||_row * (W + alpha * dW)``.
 
         Examples:
             >>> c_fc = LORA(model.transformer.h[0].mlp.c_fc, r=8)   # a Conv1D layer: it has a weight
@@ -537,7 +575,7 @@ class LORA(Optimization):
     def extra_repr(self) -> str:
         return (
             f"{self.path}, input_dim={self.input_dim}, output_dim={self.output_dim}, "
-            f"r={self.r}, dropout={self.dropout}, dtype={self.WA.dtype}"
+            f"r={self.r}, dropout={self.dropout}, dtype={self.WA.dtype}" + (", bias=True" if self._has_bias else "")
         )
 
     def _follow_module_device(self) -> None:
