@@ -31,6 +31,7 @@ import torch
 
 from .activation import Steps, activate, check_alpha, normalize_steps
 from .dims import first_tensor
+from .lora import _check_envoy, _module_device  # at module level: a server rebuilds functions without their package
 from .optimization import Optimization
 from .positions import Positions, normalize_positions
 
@@ -84,8 +85,6 @@ class ModuleCopy(Optimization):
 
     def __init__(self, module: Envoy) -> None:
         """A copy of ``module``'s torch module; see the class."""
-        from .lora import _check_envoy
-
         _check_envoy(module)
         _check_single_input(module)
         if any(t.is_meta for t in module._module.state_dict().values()):
@@ -179,8 +178,6 @@ class ModuleCopy(Optimization):
         return new if alpha == 1.0 else output + alpha * (new - output)
 
     def _follow_module_device(self) -> None:
-        from .lora import _module_device
-
         device = _module_device(self.module)
         first = next(iter(self.copy.parameters()), None)
         if device is not None and device.type != "meta" and first is not None and first.device != device:
