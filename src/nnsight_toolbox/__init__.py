@@ -15,11 +15,23 @@ import sys
 import nnsight
 
 from .artifacts import export_peft, import_peft
-from .optim import LORA, LoraSet, Optimization
+from .optim import LORA, DiReFT, InterventionSet, LoraSet, LoReFT, Optimization, SoftPrompt, SteeringVector
 
 __version__ = "0.1.0"
 
-__all__ = ["LORA", "LoraSet", "Optimization", "export_peft", "import_peft", "__version__"]
+__all__ = [
+    "LORA",
+    "LoraSet",
+    "Optimization",
+    "SteeringVector",
+    "SoftPrompt",
+    "LoReFT",
+    "DiReFT",
+    "InterventionSet",
+    "export_peft",
+    "import_peft",
+    "__version__",
+]
 
 
 def _readable_signatures() -> None:
@@ -29,8 +41,12 @@ def _readable_signatures() -> None:
     from . import _signatures
     from .optim.targets import Layers, Targets
 
-    names = {"Envoy": Envoy, "LORA": LORA, "LoraSet": LoraSet, "Optimization": Optimization, "Targets": Targets, "Layers": Layers}
-    _signatures.resolve([LORA, LoraSet, Optimization, export_peft, import_peft], names)
+    classes = [LORA, LoraSet, Optimization, SteeringVector, SoftPrompt, LoReFT, DiReFT, InterventionSet]
+    names = {"Envoy": Envoy, "Targets": Targets, "Layers": Layers, **{cls.__name__: cls for cls in classes}}
+    from .optim.loreft import ReftBase
+    from .optim.module_intervention import ModuleIntervention
+
+    _signatures.resolve([*classes, ModuleIntervention, ReftBase, export_peft, import_peft], names)
 
 
 _readable_signatures()

@@ -1,0 +1,218 @@
+"""`LoReFT`: low-rank linear subspace representation fine-tuning (pyreft's ``LoreftIntervention``).
+
+ReFT (Wu et al. 2024, "ReFT: Representation Finetuning for Language Models",
+arXiv:2404.03592, eq. 2) edits a hidden state ``h`` (d wide) inside an
+r-dimensional subspace spanned by the rows of ``R`` (r, d), which are orthonormal::
+
+    LoReFT(h) = h + R^T (W h + b - R h)        W (r, d), b (r,)
+    DiReFT(h) = h + R^T (W h + b)              (no projection out; `DiReFT`)
+
+``R`` is kept orthonormal by ``torch.nn.utils.parametrizations.orthogonal`` with
+``orthogonal_map="matrix_exp"``: the trainable tensor is a skew-symmetric
+generator ``A`` and ``R^T = base @ exp(A)[:, :r]`` with ``base`` a fixed
+orthogonal buffer. Weight decay pulls ``A`` towards 0, that is ``R`` towards
+``base``'s first columns, which stay orthonormal. (The default map for a
+non-square matrix, Householder, which pyreft gets, decays ``R`` itself to zero.)
+
+``state_dict()`` uses pyreft's keys, so pyreft's own ``state_dict()`` loads here
+and ours loads into pyreft: ``rotate_layer`` (d, r) = ``R^T``, ``weight`` (r, d)
+and ``bias`` (r,).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from torch.nn.utils import parametrizations
+
+from .module_intervention import ModuleIntervention, add_in_dtype
+
+if TYPE_CHECKING:
+    from nnsight.intervention.envoy import Envoy
+
+__all__ = ["LoReFT", "ReftBase"]
+
+#: pyreft's state_dict keys, in its order.
+REFT_KEYS = ("weight", "bias", "rotate_layer")
+
+
+class _Rotation(torch.nn.Module):
+    """Holds ``weight`` (d, r) = ``R^T``; parametrized to keep orthonormal columns."""
+
+    def __init__(self, d: int, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        torch.nn.Module.__init__(self)
+        self.weight = torch.nn.Parameter(torch.empty(d, r, dtype=dtype, device=device))
+        torch.nn.init.orthogonal_(self.weight)  # as pyreft's LowRankRotateLayer
+
+
+class ReftBase(ModuleIntervention):
+    """What `LoReFT` and `DiReFT` share: ``R`` (orthonormal rows), ``W`` and ``b``, pyreft's keys.
+
+    ``reads_output``: the formula's backward keeps ``h``, so the machinery hands it
+    a tensor it will not overwrite (see `nnsight_toolbox.optim.activation.add_deltas`).
+
+    Examples:
+        >>> from nnsight_toolbox import LoReFT
+        >>> reft = LoReFT(model.transformer.h[0], r=4)
+        >>> sorted(reft.state_dict())            # pyreft's keys
+        ['bias', 'rotate_layer', 'weight']
+    """
+
+    reads_output = True
+
+    def __init__(
+        self, module: Envoy, r: int, *, dropout: float = 0.0, dtype: torch.dtype = torch.float32, output_dim: int | None = None
+    ) -> None:
+        """``R`` orthonormal (pyreft's orthogonal init), ``W, b`` as a fresh ``Linear(d, r)``."""
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"`r` (the rank of the subspace) must be a positive int, got {r!r}. Pass e.g. `r=4`.")
+        ModuleIntervention.__init__(self, module, dropout=dropout, dtype=dtype, output_dim=output_dim)
+        if r > self.output_dim:
+            raise ValueError(f"`r` must be at most the output width {self.output_dim} of `{self.path}`, got r={r}.")
+        self.r = r
+        rotation = _Rotation(self.output_dim, r, dtype, self.device_hint)
+        self.rotate_layer = parametrizations.orthogonal(rotation, orthogonal_map="matrix_exp")
+        self.learned_source = torch.nn.Linear(self.output_dim, r, dtype=dtype, device=self.device_hint)  # W h + b
+
+    def config(self) -> dict[str, Any]:
+        """The constructor's keyword arguments, as JSON values (``r`` included).
+
+        Examples:
+            >>> from nnsight_toolbox import LoReFT
+            >>> LoReFT(model.transformer.h[0], r=4).config()["r"]
+            4
+        """
+        return {"r": self.r, **ModuleIntervention.config(self)}
+
+    @property
+    def R(self) -> torch.Tensor:
+        """``R``, shape ``(r, d)``, orthonormal rows (computed from the parametrization).
+
+        Examples:
+            >>> from nnsight_toolbox import LoReFT
+            >>> R = LoReFT(model.transformer.h[0], r=4).R
+            >>> torch.allclose(R @ R.T, torch.eye(4), atol=1e-5)
+            True
+        """
+        return self.rotate_layer.weight.T
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> "OrderedDict[str, torch.Tensor]":  # type: ignore[override]
+        """pyreft's keys: ``weight`` (r, d), ``bias`` (r,), ``rotate_layer`` (d, r) = ``R^T``.
+
+        Examples:
+            >>> from nnsight_toolbox import LoReFT
+            >>> {k: tuple(v.shape) for k, v in LoReFT(model.transformer.h[0], r=4).state_dict().items()}
+            {'weight': (4, 32), 'bias': (4,), 'rotate_layer': (32, 4)}
+        """
+        out = OrderedDict() if destination is None else destination
+        tensors = (self.learned_source.weight, self.learned_source.bias, self.rotate_layer.weight)
+        for key, value in zip(REFT_KEYS, tensors):
+            out[prefix + key] = value if keep_vars else value.detach()
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+        """Load ``weight``, ``bias`` and ``rotate_layer`` (ours, or pyreft's ``LoreftIntervention.state_dict()``).
+
+        ``R^T`` is restored bit for bit: it becomes the first ``r`` columns of the
+        parametrization's fixed orthogonal ``base`` (the rest completes it to an
+        orthogonal matrix) and the generator is reset to 0, so ``exp(0) = I``.
+        The parameters stay the same objects, so an optimizer holding them keeps working.
+
+        Examples:
+            >>> from nnsight_toolbox import LoReFT
+            >>> a, b = LoReFT(model.transformer.h[0], r=4), LoReFT(model.transformer.h[0], r=4)
+            >>> _ = b.load_state_dict(a.state_dict())
+            >>> torch.equal(a.R, b.R)
+            True
+        """
+        missing = [k for k in REFT_KEYS if k not in state_dict]
+        unexpected = sorted(k for k in state_dict if k not in REFT_KEYS)
+        if missing or (strict and unexpected):
+            raise KeyError(
+                f"`{type(self).__name__}.load_state_dict` takes pyreft's keys {list(REFT_KEYS)}; missing "
+                f"{missing or 'none'}, unexpected {unexpected or 'none'}. Pass `state_dict()` of a "
+                f"`{type(self).__name__}` or of pyreft's intervention of the same rank."
+            )
+        d, r = self.output_dim, self.r
+        expected = {"weight": (r, d), "bias": (r,), "rotate_layer": (d, r)}
+        for key, shape in expected.items():
+            if tuple(state_dict[key].shape) != shape:
+                raise ValueError(
+                    f"`{key}` has shape {tuple(state_dict[key].shape)}, but this {type(self).__name__} "
+                    f"(r={r}, width {d}) needs {shape}. Build it with the rank the weights were trained at."
+                )
+        with torch.no_grad():
+            self.learned_source.weight.copy_(state_dict["weight"])
+            self.learned_source.bias.copy_(state_dict["bias"])
+            rotation = self.rotate_layer.parametrizations.weight
+            Rt = state_dict["rotate_layer"].to(rotation.original.dtype).to(rotation.original.device)
+            rotation[0].base.copy_(_complete(Rt))
+            rotation.original.zero_()  # the generator: A = 0, so R^T = base[:, :r] exactly
+        return None
+
+    def _parts(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(h, dropout(h), R^T)`` in the intervention's dtype."""
+        self._check_width(output)
+        Rt = self.rotate_layer.weight  # (d, r)
+        h = output.to(Rt.dtype)
+        return h, self._dropped(h), Rt
+
+    def extra_repr(self) -> str:
+        return ModuleIntervention.extra_repr(self)
+
+
+class LoReFT(ReftBase):
+    """pyreft's ``LoreftIntervention`` on a module's output: ``h + alpha * R^T (W h + b - R h)``.
+
+    ``R`` (r, d) has orthonormal rows and stays so through training, weight
+    decay included; ``W, b`` is a ``Linear(d, r)``. With dropout, ``h`` inside
+    the bracket is ``dropout(h)`` (pyreft drops out the result instead).
+
+    Args:
+        module: The nnsight Envoy of the module, such as a decoder layer
+            ``model.transformer.h[3]``; its output is a tensor, or a tuple whose
+            first element is one.
+        r: The rank of the edited subspace.
+        dropout: Dropout probability on ``h`` inside the bracket, training mode only.
+        dtype: The dtype of ``R``, ``W``, ``b`` and the arithmetic.
+        output_dim: The width ``d``, for a module whose width cannot be inferred.
+
+    Examples:
+        >>> from nnsight_toolbox import LoReFT
+        >>> reft = LoReFT(model.transformer.h[1], r=4)
+        >>> optimizer = torch.optim.AdamW(reft.parameters(), lr=1e-2)
+        >>> with model.trace("The Eiffel Tower is in"):
+        ...     reft(positions=[0, 1, -2, -1])             # pyreft's "f2+l2"
+        ...     logits = model.lm_head.output.save()
+        >>> logits.sum().backward()
+        >>> optimizer.step()
+    """
+
+    def intervene(self, output: torch.Tensor, x: object, alpha: float) -> torch.Tensor:
+        """``output + alpha * R^T (W d(h) + b - R d(h))`` in the intervention's dtype, cast back.
+
+        Examples:
+            >>> from nnsight_toolbox import LoReFT
+            >>> reft = LoReFT(model.transformer.h[1], r=4)
+            >>> h = torch.randn(1, 3, 32)
+            >>> torch.equal(reft.intervene(h, None, 0.0), h)
+            True
+        """
+        h, dh, Rt = self._parts(output)
+        delta = (self.learned_source(dh) - dh @ Rt) @ Rt.T  # ((B, T, r) - (B, T, d) @ (d, r)) @ (r, d)
+        return add_in_dtype(output, delta, alpha)
+
+
+def _complete(Rt: torch.Tensor) -> torch.Tensor:
+    """A (d, d) matrix whose first r columns are ``Rt`` bit for bit and whose others complete them orthonormally."""
+    d, r = Rt.shape
+    if r == d:
+        return Rt.clone()
+    generator = torch.Generator().manual_seed(0)  # deterministic: the completion is not saved
+    noise = torch.randn(d, d - r, generator=generator, dtype=torch.float64).to(Rt.device)
+    R64 = Rt.to(torch.float64)
+    noise = noise - R64 @ (R64.T @ noise)  # project out span(Rt), then orthonormalize the rest
+    rest, _ = torch.linalg.qr(noise)
+    return torch.cat([Rt, rest.to(Rt.dtype)], dim=1)
