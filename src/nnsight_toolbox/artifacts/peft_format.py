@@ -321,6 +321,9 @@ def import_peft(model: Envoy, directory: str | os.PathLike, *, dtype: torch.dtyp
             ``save_pretrained`` or by `export_peft`.
         dtype: The adapters' dtype; float32 as PEFT computes by default.
 
+    A PEFT ``PROMPT_TUNING`` adapter comes back as a `SoftPrompt` instead (see
+    `nnsight_toolbox.artifacts.peft_prompt`).
+
     Returns:
         A `LoraSet`: a mapping ``{module path: LORA}`` in the order the modules
         appear in the model, keyed by nnsight path (``"model.transformer.h.0.mlp.c_fc"``,
@@ -352,6 +355,10 @@ def import_peft(model: Envoy, directory: str | os.PathLike, *, dtype: torch.dtyp
             f"got the module `{model.path}`. Pass `model` itself."
         )
     _check_dtype(dtype)
+    from .peft_prompt import import_prompt_tuning, is_prompt_tuning
+
+    if is_prompt_tuning(directory):  # PEFT prompt tuning: a `SoftPrompt` (see `peft_prompt`)
+        return import_prompt_tuning(model, directory, dtype=dtype)
     settings, targets = _read_peft_adapter(model, Path(directory))
     factors = [_factors(target, dtype) for target in targets]  # all checked before any adapter is built
     loras: list[LORA] = []
