@@ -52,6 +52,15 @@ class InterventionSet(Optimization):
         2
     """
 
+    interventions: torch.nn.ModuleList
+    """The members, in the order the set switches them on.
+
+    Examples:
+        >>> from nnsight_toolbox import InterventionSet, SteeringVector
+        >>> [type(m).__name__ for m in InterventionSet([SteeringVector(model.transformer.h[0])]).interventions]
+        ['SteeringVector']
+    """
+
     def __init__(self, interventions: Iterable[Optimization]) -> None:
         """Check the members (one model, no member twice) and hold them in order."""
         members: list[Optimization] = []

@@ -379,8 +379,13 @@ class LORA(Optimization):
         # Nothing to differentiate: the add computes in the wider dtype and writes the output's.
         return torch.add(output, delta, out=torch.empty_like(output))
 
-    #: What the activation machinery calls on every forward pass (see `Optimization.intervene`).
     intervene = add_delta
+    """What the activation machinery calls on every forward pass: `add_delta` (see `Optimization.intervene`).
+
+    Examples:
+        >>> LORA.intervene is LORA.add_delta
+        True
+    """
 
     def _mismatch(self, output: torch.Tensor, leading: torch.Size) -> ValueError:
         return ValueError(

@@ -50,9 +50,6 @@ class _Rotation(torch.nn.Module):
 class ReftBase(ModuleIntervention):
     """What `LoReFT` and `DiReFT` share: ``R`` (orthonormal rows), ``W`` and ``b``, pyreft's keys.
 
-    ``reads_output``: the formula's backward keeps ``h``, so the machinery hands it
-    a tensor it will not overwrite (see `nnsight_toolbox.optim.activation.add_deltas`).
-
     Examples:
         >>> from nnsight_toolbox import LoReFT
         >>> reft = LoReFT(model.transformer.h[0], r=4)
@@ -61,6 +58,42 @@ class ReftBase(ModuleIntervention):
     """
 
     reads_output = True
+    """The formula's backward keeps ``h``: the machinery hands it a copy it will not overwrite.
+
+    Examples:
+        >>> from nnsight_toolbox import LoReFT
+        >>> LoReFT.reads_output
+        True
+    """
+
+    r: int
+    """The rank of the edited subspace.
+
+    Examples:
+        >>> from nnsight_toolbox import LoReFT
+        >>> LoReFT(model.transformer.h[0], r=4).r
+        4
+    """
+
+    rotate_layer: torch.nn.Module
+    """Holds ``weight`` = ``R^T`` ``(d, r)``, kept orthonormal by ``parametrizations.orthogonal`` (``matrix_exp``).
+
+    Its trainable tensor is ``rotate_layer.parametrizations.weight.original``, the generator.
+
+    Examples:
+        >>> from nnsight_toolbox import LoReFT
+        >>> LoReFT(model.transformer.h[0], r=4).rotate_layer.weight.shape
+        torch.Size([32, 4])
+    """
+
+    learned_source: torch.nn.Linear
+    """``W h + b``: a ``Linear(d, r)``, as pyreft's ``learned_source``.
+
+    Examples:
+        >>> from nnsight_toolbox import LoReFT
+        >>> LoReFT(model.transformer.h[0], r=4).learned_source.weight.shape
+        torch.Size([4, 32])
+    """
 
     def __init__(
         self, module: Envoy, r: int, *, dropout: float = 0.0, dtype: torch.dtype = torch.float32, output_dim: int | None = None
@@ -72,9 +105,9 @@ class ReftBase(ModuleIntervention):
         if r > self.output_dim:
             raise ValueError(f"`r` must be at most the output width {self.output_dim} of `{self.path}`, got r={r}.")
         self.r = r
-        rotation = _Rotation(self.output_dim, r, dtype, self.device_hint)
+        rotation = _Rotation(self.output_dim, r, dtype, self._device_hint)
         self.rotate_layer = parametrizations.orthogonal(rotation, orthogonal_map="matrix_exp")
-        self.learned_source = torch.nn.Linear(self.output_dim, r, dtype=dtype, device=self.device_hint)  # W h + b
+        self.learned_source = torch.nn.Linear(self.output_dim, r, dtype=dtype, device=self._device_hint)  # W h + b
 
     def config(self) -> dict[str, Any]:
         """The constructor's keyword arguments, as JSON values (``r`` included).

@@ -35,7 +35,7 @@ class ModuleIntervention(Optimization):
     """Base of the interventions that rewrite one module's output (its first element, for a tuple).
 
     Subclasses call `ModuleIntervention.__init__`, create their parameters in
-    ``self.dtype`` on ``self.device_hint``, and implement `intervene`. They
+    ``self.dtype`` on ``self._device_hint``, and implement `intervene`. They
     record the constructor's keyword arguments in `config` so `save`/`load`
     can rebuild them.
 
@@ -46,8 +46,50 @@ class ModuleIntervention(Optimization):
         ('model.transformer.h.0', 32)
     """
 
-    #: The formulas here read only the output, so any first input (ids, a mask, a tuple) is fine.
     reads_input = False
+    """The formulas here read only the output, so any first input (ids, a mask, a tuple) is fine.
+
+    Examples:
+        >>> from nnsight_toolbox import SteeringVector
+        >>> SteeringVector.reads_input
+        False
+    """
+
+    module: Envoy
+    """The nnsight Envoy of the module whose output is changed.
+
+    Examples:
+        >>> from nnsight_toolbox import SteeringVector
+        >>> SteeringVector(model.transformer.h[0]).module.path
+        'model.transformer.h.0'
+    """
+
+    dropout: float
+    """Dropout probability on the intervention's input, applied in training mode only.
+
+    Examples:
+        >>> from nnsight_toolbox import SteeringVector
+        >>> SteeringVector(model.transformer.h[0], dropout=0.1).dropout
+        0.1
+    """
+
+    dtype: torch.dtype
+    """The dtype of the parameters and of the arithmetic; the result is cast to the output's dtype.
+
+    Examples:
+        >>> from nnsight_toolbox import SteeringVector
+        >>> SteeringVector(model.transformer.h[0]).dtype
+        torch.float32
+    """
+
+    output_dim: int
+    """Width of the module's output (of its first element, for a tuple output).
+
+    Examples:
+        >>> from nnsight_toolbox import SteeringVector
+        >>> SteeringVector(model.transformer.h[0]).output_dim
+        32
+    """
 
     def __init__(self, module: Envoy, *, dropout: float = 0.0, dtype: torch.dtype = torch.float32, output_dim: int | None = None) -> None:
         """Check and store what every subclass shares; see the subclass for the arguments."""
@@ -61,7 +103,7 @@ class ModuleIntervention(Optimization):
         self.dropout = float(dropout)
         self.dtype = dtype
         self.output_dim = output_dim if output_dim is not None else infer_dims(module).output_dim
-        self.device_hint = _home_device(module)
+        self._device_hint = _home_device(module)
 
     @property
     def path(self) -> str:

@@ -63,9 +63,14 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
             ...     lora()              # runs LORA.forward inside this trace
         """
 
-    #: Whether `intervene` reads the module's first input ``x`` (LoRA does; a steering
-    #: vector does not, and then works on modules whose first input is not a tensor).
     reads_input = True
+    """Whether `intervene` reads the module's first input ``x`` (LoRA does; a steering
+    vector does not, and then works on modules whose first input is not a tensor).
+
+    Examples:
+        >>> lora.reads_input
+        True
+    """
 
     def intervene(self, output: torch.Tensor, x: Any, alpha: float) -> torch.Tensor:
         """The module's new output, from its ``output`` and first input ``x``: the formula alone.

@@ -45,10 +45,6 @@ class SoftPrompt(ModuleIntervention):
         dtype: The dtype of the vectors; the result is cast to the output's dtype.
         output_dim: The embedding width, for a module whose width cannot be inferred.
 
-    Attributes:
-        embeddings: ``torch.nn.Parameter`` of shape ``(n, output_dim)``; starts
-            N(0, 1), as PEFT's ``RANDOM`` init does.
-
     Examples:
         >>> from nnsight_toolbox import SoftPrompt
         >>> soft = SoftPrompt(model.transformer.wte, n=4)
@@ -61,8 +57,32 @@ class SoftPrompt(ModuleIntervention):
         torch.Size([4, 32])
     """
 
-    #: The machinery passes each token's position, so vector k lands at the k-th chosen position.
     reads_positions = True
+    """The machinery passes each token's position to `intervene`, so vector k lands at the k-th chosen position.
+
+    Examples:
+        >>> from nnsight_toolbox import SoftPrompt
+        >>> SoftPrompt.reads_positions
+        True
+    """
+
+    n: int
+    """The number of vectors (virtual tokens).
+
+    Examples:
+        >>> from nnsight_toolbox import SoftPrompt
+        >>> SoftPrompt(model.transformer.wte, n=4).n
+        4
+    """
+
+    embeddings: torch.nn.Parameter
+    """The vectors, shape ``(n, output_dim)``; start N(0, 1), as PEFT's ``RANDOM`` init.
+
+    Examples:
+        >>> from nnsight_toolbox import SoftPrompt
+        >>> SoftPrompt(model.transformer.wte, n=4).embeddings.shape
+        torch.Size([4, 32])
+    """
 
     def __init__(
         self, embedding: Envoy, n: int, *, dropout: float = 0.0, dtype: torch.dtype = torch.float32, output_dim: int | None = None
@@ -72,7 +92,7 @@ class SoftPrompt(ModuleIntervention):
             raise ValueError(f"`n` (the number of soft-prompt vectors) must be a positive int, got {n!r}. Pass e.g. `n=8`.")
         ModuleIntervention.__init__(self, embedding, dropout=dropout, dtype=dtype, output_dim=output_dim)
         self.n = n
-        self.embeddings = torch.nn.Parameter(torch.randn(n, self.output_dim, dtype=dtype, device=self.device_hint))
+        self.embeddings = torch.nn.Parameter(torch.randn(n, self.output_dim, dtype=dtype, device=self._device_hint))
 
     def config(self) -> dict[str, Any]:
         """The constructor's keyword arguments, as JSON values (``n`` included).

@@ -45,10 +45,19 @@ class SteeringVector(ModuleIntervention):
         torch.Size([32])
     """
 
+    v: torch.nn.Parameter
+    """The vector, shape ``(output_dim,)``; starts at zeros.
+
+    Examples:
+        >>> from nnsight_toolbox import SteeringVector
+        >>> SteeringVector(model.transformer.h[0]).v.shape
+        torch.Size([32])
+    """
+
     def __init__(self, module: Envoy, *, dropout: float = 0.0, dtype: torch.dtype = torch.float32, output_dim: int | None = None) -> None:
         """A zero vector of the module's output width; see the class for the arguments."""
         ModuleIntervention.__init__(self, module, dropout=dropout, dtype=dtype, output_dim=output_dim)
-        self.v = torch.nn.Parameter(torch.zeros(self.output_dim, dtype=dtype, device=self.device_hint))
+        self.v = torch.nn.Parameter(torch.zeros(self.output_dim, dtype=dtype, device=self._device_hint))
 
     def intervene(self, output: torch.Tensor, x: object, alpha: float) -> torch.Tensor:
         """``output + alpha * dropout(v)``, in ``v``'s dtype, cast back to ``output``'s.
@@ -57,8 +66,8 @@ class SteeringVector(ModuleIntervention):
             >>> from nnsight_toolbox import SteeringVector
             >>> steer = SteeringVector(model.transformer.h[0])
             >>> with torch.no_grad():
-            ...     steer.v.fill_(1.0)
-            >>> steer.intervene(torch.zeros(1, 2, 32), None, 0.5)[0, 0, :3]
+            ...     _ = steer.v.fill_(1.0)
+            ...     steer.intervene(torch.zeros(1, 2, 32), None, 0.5)[0, 0, :3]
             tensor([0.5000, 0.5000, 0.5000])
         """
         self._check_width(output)
