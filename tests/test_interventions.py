@@ -178,11 +178,11 @@ def test_gradients_equal_the_reference(gpt2, cls):
         return
     torch.testing.assert_close(ours.learned_source.weight.grad, leaves["weight"].grad)
     torch.testing.assert_close(ours.learned_source.bias.grad, leaves["bias"].grad)
-    # R's trainable tensor is the generator of the parametrization: compare the gradient
-    # that reaches R^T itself, through the same chain rule torch applies.
+    # R's trainable tensor is its generator: compare the gradient that reaches R^T
+    # itself, carried to the generator by the same chain rule torch applies.
     Rt = ours.rotate_layer.weight
-    (expected_generator_grad,) = torch.autograd.grad(Rt, ours.rotate_layer.parametrizations.weight.original, leaves["rotate_layer"].grad)
-    torch.testing.assert_close(ours.rotate_layer.parametrizations.weight.original.grad, expected_generator_grad)
+    (expected_generator_grad,) = torch.autograd.grad(Rt, ours.rotate_layer.generator, leaves["rotate_layer"].grad)
+    torch.testing.assert_close(ours.rotate_layer.generator.grad, expected_generator_grad)
 
 
 @pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.__name__)
@@ -241,6 +241,31 @@ def test_R_stays_orthonormal_through_adamw_with_weight_decay(gpt2, cls):
         ((ours.intervene(h, None, 1.0) - target) ** 2).mean().backward()
         optimizer.step()
     assert orthonormality_error(ours.rotate_layer.weight.detach()) < 1e-5
+
+
+def test_R_is_what_torchs_matrix_exp_orthogonal_map_computes(gpt2):
+    """The written-out map equals `parametrizations.orthogonal(..., orthogonal_map="matrix_exp")` on the same tensors."""
+    ours = LoReFT(gpt2.get(LAYER), r=4)
+    with torch.no_grad():
+        ours.rotate_layer.generator.normal_(0, 0.3)
+    holder = torch.nn.Linear(4, 32, bias=False)  # weight (32, 4): tall, as R^T
+    torch.nn.utils.parametrizations.orthogonal(holder, orthogonal_map="matrix_exp")
+    with torch.no_grad():
+        holder.parametrizations.weight[0].base.copy_(ours.rotate_layer.base)
+        holder.parametrizations.weight.original.copy_(ours.rotate_layer.generator)
+    torch.testing.assert_close(holder.weight, ours.rotate_layer.weight)
+
+
+def test_loreft_ships_to_a_remote_server_and_copies(gpt2):
+    """nnsight's remote serializer pickles the intervention: torch's parametrized modules refuse that."""
+    import copy
+
+    from nnsight.intervention import serialization
+
+    ours = LoReFT(gpt2.get(LAYER), r=4)
+    assert len(serialization.dumps(ours)) > 0
+    clone = copy.deepcopy(ours)
+    assert clone.module is ours.module and torch.equal(clone.R, ours.R) and clone.R.data_ptr() != ours.R.data_ptr()
 
 
 def test_householder_would_not_hold_under_weight_decay():

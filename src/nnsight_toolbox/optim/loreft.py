@@ -7,12 +7,16 @@ r-dimensional subspace spanned by the rows of ``R`` (r, d), which are orthonorma
     LoReFT(h) = h + R^T (W h + b - R h)        W (r, d), b (r,)
     DiReFT(h) = h + R^T (W h + b)              (no projection out; `DiReFT`)
 
-``R`` is kept orthonormal by ``torch.nn.utils.parametrizations.orthogonal`` with
-``orthogonal_map="matrix_exp"``: the trainable tensor is a skew-symmetric
-generator ``A`` and ``R^T = base @ exp(A)[:, :r]`` with ``base`` a fixed
-orthogonal buffer. Weight decay pulls ``A`` towards 0, that is ``R`` towards
-``base``'s first columns, which stay orthonormal. (The default map for a
-non-square matrix, Householder, which pyreft gets, decays ``R`` itself to zero.)
+``R`` is kept orthonormal the way ``torch.nn.utils.parametrizations.orthogonal``
+does with ``orthogonal_map="matrix_exp"``: the trainable tensor is a generator
+``A`` (d, r), and ``R^T = base @ exp(S)[:, :r]`` where ``S`` is the skew-symmetric
+matrix built from ``A``'s lower triangle and ``base`` a fixed orthogonal buffer.
+Weight decay pulls ``A`` towards 0, that is ``R`` towards ``base``'s first
+columns, which stay orthonormal. (The default map for a non-square matrix,
+Householder, which pyreft gets, lets weight decay shrink ``R`` itself.) The
+formula is written out here rather than taken from torch's parametrization
+because a parametrized module refuses to pickle, and a remote request pickles
+the intervention.
 
 ``state_dict()`` uses pyreft's keys, so pyreft's own ``state_dict()`` loads here
 and ours loads into pyreft: ``rotate_layer`` (d, r) = ``R^T``, ``weight`` (r, d)
@@ -25,8 +29,6 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
-from torch.nn.utils import parametrizations
-
 from .module_intervention import ModuleIntervention, add_in_dtype
 
 if TYPE_CHECKING:
@@ -38,13 +40,38 @@ __all__ = ["LoReFT", "ReftBase"]
 REFT_KEYS = ("weight", "bias", "rotate_layer")
 
 
-class _Rotation(torch.nn.Module):
-    """Holds ``weight`` (d, r) = ``R^T``; parametrized to keep orthonormal columns."""
+class OrthonormalColumns(torch.nn.Module):
+    """``weight`` (d, r) with orthonormal columns: ``base @ matrix_exp(skew(generator))[:, :r]``.
+
+    torch's ``orthogonal(..., orthogonal_map="matrix_exp")`` for a tall matrix,
+    written out: ``generator`` is the trainable tensor, ``base`` a fixed
+    orthogonal (d, d) buffer. It starts as pyreft's ``LowRankRotateLayer``: an
+    ``orthogonal_`` init, kept exactly as ``base``'s first columns with ``generator = 0``.
+    """
 
     def __init__(self, d: int, r: int, dtype: torch.dtype, device: torch.device) -> None:
         torch.nn.Module.__init__(self)
-        self.weight = torch.nn.Parameter(torch.empty(d, r, dtype=dtype, device=device))
-        torch.nn.init.orthogonal_(self.weight)  # as pyreft's LowRankRotateLayer
+        start = torch.empty(d, r, dtype=dtype, device=device)
+        torch.nn.init.orthogonal_(start)  # as pyreft's LowRankRotateLayer
+        self.generator = torch.nn.Parameter(torch.zeros(d, r, dtype=dtype, device=device))
+        self.register_buffer("base", complete_orthonormal(start))
+        self._cached: Any = None  # (versions, weight) outside autograd: generation reuses one weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``R^T``, (d, r)."""
+        generator, base = self.generator, self.base
+        grad = torch.is_grad_enabled() and generator.requires_grad
+        key = (generator._version, base._version, generator.data_ptr(), base.data_ptr())
+        if not grad and self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        d, r = generator.shape
+        lower = generator.tril()  # (d, r): torch's map reads the lower triangle only
+        square = torch.cat([lower, lower.new_zeros(d, d - r)], dim=1)  # (d, d)
+        rotation = torch.matrix_exp(square - square.mT)[:, :r]  # exp of a skew matrix is orthogonal
+        weight = base @ rotation  # (d, d) @ (d, r)
+        self._cached = None if grad else (key, weight)
+        return weight
 
 
 class ReftBase(ModuleIntervention):
@@ -75,10 +102,10 @@ class ReftBase(ModuleIntervention):
         4
     """
 
-    rotate_layer: torch.nn.Module
-    """Holds ``weight`` = ``R^T`` ``(d, r)``, kept orthonormal by ``parametrizations.orthogonal`` (``matrix_exp``).
+    rotate_layer: OrthonormalColumns
+    """Holds ``weight`` = ``R^T`` ``(d, r)``, kept orthonormal by the matrix-exponential map.
 
-    Its trainable tensor is ``rotate_layer.parametrizations.weight.original``, the generator.
+    Its trainable tensor is ``rotate_layer.generator``; ``rotate_layer.base`` is a fixed buffer.
 
     Examples:
         >>> from nnsight_toolbox import LoReFT
@@ -105,8 +132,7 @@ class ReftBase(ModuleIntervention):
         if r > self.output_dim:
             raise ValueError(f"`r` must be at most the output width {self.output_dim} of `{self.path}`, got r={r}.")
         self.r = r
-        rotation = _Rotation(self.output_dim, r, dtype, self._device_hint)
-        self.rotate_layer = parametrizations.orthogonal(rotation, orthogonal_map="matrix_exp")
+        self.rotate_layer = OrthonormalColumns(self.output_dim, r, dtype, self._device_hint)
         self.learned_source = torch.nn.Linear(self.output_dim, r, dtype=dtype, device=self._device_hint)  # W h + b
 
     def config(self) -> dict[str, Any]:
@@ -121,7 +147,7 @@ class ReftBase(ModuleIntervention):
 
     @property
     def R(self) -> torch.Tensor:
-        """``R``, shape ``(r, d)``, orthonormal rows (computed from the parametrization).
+        """``R``, shape ``(r, d)``, orthonormal rows (computed from ``rotate_layer``).
 
         Examples:
             >>> from nnsight_toolbox import LoReFT
@@ -149,7 +175,7 @@ class ReftBase(ModuleIntervention):
         """Load ``weight``, ``bias`` and ``rotate_layer`` (ours, or pyreft's ``LoreftIntervention.state_dict()``).
 
         ``R^T`` is restored bit for bit: it becomes the first ``r`` columns of the
-        parametrization's fixed orthogonal ``base`` (the rest completes it to an
+        fixed orthogonal ``rotate_layer.base`` (the rest completes it to an
         orthogonal matrix) and the generator is reset to 0, so ``exp(0) = I``.
         The parameters stay the same objects, so an optimizer holding them keeps working.
 
@@ -179,10 +205,10 @@ class ReftBase(ModuleIntervention):
         with torch.no_grad():
             self.learned_source.weight.copy_(state_dict["weight"])
             self.learned_source.bias.copy_(state_dict["bias"])
-            rotation = self.rotate_layer.parametrizations.weight
-            Rt = state_dict["rotate_layer"].to(rotation.original.dtype).to(rotation.original.device)
-            rotation[0].base.copy_(_complete(Rt))
-            rotation.original.zero_()  # the generator: A = 0, so R^T = base[:, :r] exactly
+            rotation = self.rotate_layer
+            Rt = state_dict["rotate_layer"].to(rotation.generator.dtype).to(rotation.generator.device)
+            rotation.base.copy_(complete_orthonormal(Rt))
+            rotation.generator.zero_()  # exp(0) = I, so R^T = base[:, :r] exactly
         return None
 
     def _parts(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -238,7 +264,7 @@ class LoReFT(ReftBase):
         return add_in_dtype(output, delta, alpha)
 
 
-def _complete(Rt: torch.Tensor) -> torch.Tensor:
+def complete_orthonormal(Rt: torch.Tensor) -> torch.Tensor:
     """A (d, d) matrix whose first r columns are ``Rt`` bit for bit and whose others complete them orthonormally."""
     d, r = Rt.shape
     if r == d:
