@@ -121,6 +121,23 @@ def test_trace_logits_equal_the_reference(gpt2, cls, positions):
 
 
 @pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.__name__)
+def test_only_the_invoke_that_called_it_is_changed(gpt2, cls):
+    ours, formula = built(gpt2, cls)
+    batch = left_padded(gpt2, PROMPTS)
+    with gpt2.trace() as tracer:
+        with tracer.invoke(PROMPTS[:2]):
+            ours(positions=-1)
+        with tracer.invoke(PROMPTS[2:]):
+            pass
+        with tracer.invoke():
+            logits = gpt2.lm_head.output.save()
+    with torch.no_grad(), positioned_hook(gpt2._module.get_submodule(LAYER), formula, batch["attention_mask"], [-1, -1, None]):
+        expected = raw_logits(gpt2, batch)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], expected[real])
+
+
+@pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.__name__)
 def test_a_tuple_output_is_changed_in_its_first_element(gpt2, cls):
     ours, formula = built(gpt2, cls, path=ATTN)
     batch = left_padded(gpt2, PROMPTS)
