@@ -139,3 +139,15 @@ def test_a_loraset_contributes_its_adapters_and_bad_members_are_refused(gpt2):
         InterventionSet([interventions[0], interventions[0]])
     with pytest.raises(TypeError, match="got Linear"):
         InterventionSet([torch.nn.Linear(2, 2)])
+
+
+def test_load_refuses_a_model_without_a_saved_module(gpt2, tmp_path):
+    import json
+
+    InterventionSet([SteeringVector(gpt2.get(LAYER))]).save(tmp_path / "mix")
+    sidecar = tmp_path / "mix" / "interventions.json"
+    data = json.loads(sidecar.read_text())
+    data["interventions"][0]["module_path"] = "transformer.h.9"
+    sidecar.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"intervention 0: the model has no module 'transformer.h.9'"):
+        InterventionSet.load(tmp_path / "mix", gpt2)

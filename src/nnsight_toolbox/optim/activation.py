@@ -248,6 +248,7 @@ def add_deltas(
         rows = activation.mediator().batch_group if batching else None  # [start, size], None: all
         if rows is None and activation.positions is None:
             adapted = adapter.intervene(adapted, x, alpha)
+            cloned = False  # a fresh tensor now, which a formula's backward may keep: clone before writing rows into it
             continue
         if spans is None:
             spans = _row_spans(target, x, batcher, controller)
