@@ -366,3 +366,36 @@ def test_dropout_applies_in_training_mode_only(gpt2, cls):
     torch.manual_seed(0)
     assert not torch.allclose(ours.train().intervene(h, None, 1.0), plain.intervene(h, None, 1.0))
     assert torch.equal(ours.eval().intervene(h, None, 1.0), plain.eval().intervene(h, None, 1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.__name__)
+def test_every_dtype_builds_and_trains(gpt2, cls, dtype):
+    """QR (the orthogonal init) has no half-precision CPU kernel: it runs in float32 and is cast."""
+    ours = cls(gpt2.get(LAYER), *(() if cls is SteeringVector else (4,)), dtype=dtype)
+    assert all(p.dtype == dtype for p in ours.parameters())
+    with gpt2.trace(PROMPTS):
+        ours(positions=-1)
+        logits = gpt2.lm_head.output.save()
+    assert logits.dtype == torch.float32  # cast back to the model's dtype
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in ours.parameters())
+
+
+@pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.__name__)
+def test_a_float32_intervention_on_a_bf16_model(cls):
+    from nnsight_toolbox.testing import load_tiny_model
+
+    model = load_tiny_model("gpt2", dtype=torch.bfloat16)
+    ours = cls(model.transformer.h[1], *(() if cls is SteeringVector else (4,)))
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    with model.trace(PROMPTS):
+        ours()
+        h = model.transformer.h[1].output.save()
+    assert h.dtype == torch.bfloat16
+    with model.trace(PROMPTS):
+        base = model.transformer.h[1].output.save()
+    expected = ours.intervene(base, None, 1.0)  # float32 arithmetic, one rounding to bf16
+    assert torch.equal(h, expected)

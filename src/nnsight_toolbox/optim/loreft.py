@@ -51,8 +51,9 @@ class OrthonormalColumns(torch.nn.Module):
 
     def __init__(self, d: int, r: int, dtype: torch.dtype, device: torch.device) -> None:
         torch.nn.Module.__init__(self)
-        start = torch.empty(d, r, dtype=dtype, device=device)
-        torch.nn.init.orthogonal_(start)  # as pyreft's LowRankRotateLayer
+        start = torch.empty(d, r, dtype=torch.float32, device=device)
+        torch.nn.init.orthogonal_(start)  # as pyreft's LowRankRotateLayer; QR has no half-precision kernel on CPU
+        start = start.to(dtype)
         self.generator = torch.nn.Parameter(torch.zeros(d, r, dtype=dtype, device=device))
         self.register_buffer("base", complete_orthonormal(start))
         self._cached: Any = None  # (versions, weight) outside autograd: generation reuses one weight
