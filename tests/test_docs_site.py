@@ -50,6 +50,7 @@ def anchors(site: Path) -> set[str]:
 NOTEBOOK_PAGES = {
     "examples/paris_walkthrough/index.html": ("with LoRA:    &#39; Paris&#39;", "with LoRA:    ' Paris'"),
     "examples/what_the_adapter_learned/index.html": ("the adapted model answers",),
+    "examples/compare_interventions/index.html": ("best alpha",),
 }
 
 

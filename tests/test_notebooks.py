@@ -92,7 +92,15 @@ def check_quiet(notebook, name: str) -> None:
         )
 
 
+def check_compare(notebook) -> None:
+    """All three learn the answer, and the loss curves and the alpha sweep are drawn."""
+    text = text_output(notebook)
+    assert text.count("' Paris'") == 3, text
+    assert figures(notebook) >= 2
+
+
 CHECKS = {
+    "examples/compare/compare_interventions.ipynb": check_compare,
     "examples/paris/paris_walkthrough.ipynb": check_paris,
     "examples/study/what_the_adapter_learned.ipynb": check_study,
 }

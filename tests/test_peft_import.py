@@ -293,11 +293,15 @@ def test_a_real_dora_adapter_on_an_embedding_is_refused_by_name(model_paths, gpt
         import_peft(gpt2, tmp_path / "dora")
 
 
-def test_a_real_prompt_tuning_adapter_is_refused_by_type(model_paths, gpt2, tmp_path):
+def test_a_real_prompt_tuning_adapter_imports_as_a_soft_prompt_and_prefix_tuning_is_refused(model_paths, gpt2, tmp_path):
+    """Prompt tuning is a `SoftPrompt` (compared with PeftModel in test_soft_prompt.py); other types are refused by name."""
     base = AutoModelForCausalLM.from_pretrained(model_paths["gpt2"])
     config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
     get_peft_model(base, config).save_pretrained(tmp_path / "prompt")
-    with pytest.raises(ValueError, match="PROMPT_TUNING"):
+    assert type(import_peft(gpt2, tmp_path / "prompt")).__name__ == "SoftPrompt"
+    config_path = tmp_path / "prompt" / "adapter_config.json"
+    config_path.write_text(config_path.read_text().replace('"PROMPT_TUNING"', '"PREFIX_TUNING"'))
+    with pytest.raises(ValueError, match="PREFIX_TUNING"):
         import_peft(gpt2, tmp_path / "prompt")
 
 

@@ -15,11 +15,25 @@ import sys
 import nnsight
 
 from .artifacts import export_peft, import_peft
-from .optim import LORA, DoRA, LoraSet, ModuleCopy, Optimization
+from .optim import LORA, DiReFT, DoRA, InterventionSet, LoraSet, LoReFT, ModuleCopy, Optimization, SoftPrompt, SteeringVector
 
 __version__ = "0.1.0"
 
-__all__ = ["DoRA", "LORA", "LoraSet", "ModuleCopy", "Optimization", "export_peft", "import_peft", "__version__"]
+__all__ = [
+    "LORA",
+    "LoraSet",
+    "DoRA",
+    "ModuleCopy",
+    "Optimization",
+    "SteeringVector",
+    "SoftPrompt",
+    "LoReFT",
+    "DiReFT",
+    "InterventionSet",
+    "export_peft",
+    "import_peft",
+    "__version__",
+]
 
 
 def _readable_signatures() -> None:
@@ -29,8 +43,12 @@ def _readable_signatures() -> None:
     from . import _signatures
     from .optim.targets import Layers, Targets
 
-    names = {"Envoy": Envoy, "LORA": LORA, "DoRA": DoRA, "ModuleCopy": ModuleCopy, "LoraSet": LoraSet, "Optimization": Optimization, "Targets": Targets, "Layers": Layers}
-    _signatures.resolve([LORA, DoRA, ModuleCopy, LoraSet, Optimization, export_peft, import_peft], names)
+    classes = [LORA, DoRA, ModuleCopy, LoraSet, Optimization, SteeringVector, SoftPrompt, LoReFT, DiReFT, InterventionSet]
+    names = {"Envoy": Envoy, "Targets": Targets, "Layers": Layers, **{cls.__name__: cls for cls in classes}}
+    from .optim.loreft import ReftBase
+    from .optim.module_intervention import ModuleIntervention
+
+    _signatures.resolve([*classes, ModuleIntervention, ReftBase, export_peft, import_peft], names)
 
 
 _readable_signatures()

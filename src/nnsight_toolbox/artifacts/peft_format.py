@@ -425,6 +425,9 @@ def import_peft(
             named ``"default"`` at the top, each other in a subfolder of its
             name). Needed only when the directory holds more than one.
 
+    A PEFT ``PROMPT_TUNING`` adapter comes back as a `SoftPrompt` instead (see
+    `nnsight_toolbox.artifacts.peft_prompt`).
+
     Returns:
         A `LoraSet`: a mapping ``{module path: LORA}`` in the order the modules
         appear in the model, keyed by nnsight path (``"model.transformer.h.0.mlp.c_fc"``,
@@ -460,6 +463,10 @@ def import_peft(
         )
     _check_dtype(dtype)
     directory = _adapter_directory(Path(directory), adapter_name)
+    from .peft_prompt import import_prompt_tuning, is_prompt_tuning
+
+    if is_prompt_tuning(directory):  # PEFT prompt tuning: a `SoftPrompt` (see `peft_prompt`)
+        return import_prompt_tuning(model, directory, dtype=dtype)
     settings, targets, copies = _read_peft_adapter(model, directory)
     factors = [_factors(target, dtype) for target in targets]  # all checked before any adapter is built
     members: list[Any] = []
@@ -704,7 +711,8 @@ def _check_config(config: dict[str, Any], path: Path) -> _Settings:
     if peft_type != "LORA":
         raise ValueError(
             f"`{path}` describes a {peft_type!r} adapter (`peft_type`), but `import_peft` takes "
-            f"LoRA adapters (`peft_type` 'LORA'): {SUPPORTED}. Load it with "
+            f"LoRA adapters (`peft_type` 'LORA'): {SUPPORTED}; and prompt tuning "
+            f"(`peft_type` 'PROMPT_TUNING', as a `SoftPrompt`). Load it with "
             f"`peft.PeftModel.from_pretrained` instead."
         )
     for key, variant in _VARIANTS.items():

@@ -1,13 +1,18 @@
-"""Trainable interventions: `Optimization`, the `LORA` adapter and `LoraSet`.
+"""Trainable interventions: `Optimization`, `LORA`, `LoraSet`, `SteeringVector`, `SoftPrompt`, `LoReFT`, `DiReFT` and `InterventionSet`.
 
 Examples:
-    >>> from nnsight_toolbox.optim import LORA, LoraSet, Optimization
+    >>> from nnsight_toolbox.optim import LORA, LoraSet, Optimization, SteeringVector, LoReFT
 """
 
 from .adapter_set import LoraSet
+from .direft import DiReFT
 from .dora import DoRA
+from .intervention_set import InterventionSet
 from .lora import LORA
+from .loreft import LoReFT
 from .module_copy import ModuleCopy
 from .optimization import Optimization
+from .soft_prompt import SoftPrompt
+from .steering import SteeringVector
 
-__all__ = ["DoRA", "LORA", "LoraSet", "ModuleCopy", "Optimization"]
+__all__ = ["LORA", "LoraSet", "DoRA", "ModuleCopy", "Optimization", "SteeringVector", "SoftPrompt", "LoReFT", "DiReFT", "InterventionSet"]

@@ -47,7 +47,7 @@ from nnsight.intervention.source import NO_SKIP, Controller, _as_fragment, run_b
 from nnsight.intervention.util import first_input
 
 from .dims import first_tensor
-from .positions import PositionSpec, position_mask
+from .positions import PositionSpec, column_positions, position_mask
 from .rows import NOTE, layout_error, note_lengths, pass_lengths, row_span
 
 if TYPE_CHECKING:
@@ -250,6 +250,7 @@ def add_deltas(
         rows = activation.mediator().batch_group if batching else None  # [start, size], None: all
         if rows is None and activation.positions is None:
             adapted = adapter.intervene(adapted, x, alpha)
+            cloned = False  # a fresh tensor now, which a formula's backward may keep: clone before writing rows into it
             continue
         if spans is None:
             spans = _row_spans(target, x, batcher, controller)
@@ -259,10 +260,18 @@ def add_deltas(
             adapted, cloned = adapted.clone(), True
         rows_out = adapted.narrow(0, start * out_span, size * out_span)
         rows_x = x.narrow(0, start * in_span, size * in_span) if isinstance(x, torch.Tensor) else x
-        changed = adapter.intervene(rows_out, rows_x, alpha)
+        if getattr(adapter, "reads_output", False):
+            # A formula whose backward keeps `output` (LoReFT's `R h`) must not see the view
+            # that `copy_` below overwrites: autograd would refuse the changed tensor.
+            rows_out = rows_out.clone()
+        if getattr(adapter, "reads_positions", False):  # e.g. `SoftPrompt`: which vector goes where
+            columns = _pass_positions(rows_out, activation.positions, start, size, out_span, batcher, controller)
+            changed = adapter.intervene(rows_out, rows_x, alpha, positions=columns, spec=activation.positions)
+        else:
+            changed = adapter.intervene(rows_out, rows_x, alpha)
         if activation.positions is not None:
             changed = _at_positions(changed, rows_out, activation.positions, start, size, out_span, batcher, controller)
-        rows_out.copy_(changed)
+        adapted.narrow(0, start * out_span, size * out_span).copy_(changed)
     return adapted if output is target else replace_first_tensor(output, adapted)
 
 
@@ -288,6 +297,18 @@ def _at_positions(
     controller: AdapterController,
 ) -> torch.Tensor:
     """``changed`` at the chosen positions of rows ``[start, start + size)``, ``original`` elsewhere."""
+    notes, pass_start, width, shape = _token_axis(original, spec, size, span, batcher, controller)
+    masks = notes.setdefault("masks", {})
+    key = (pass_start, width, start, size, spec.key())
+    mask = masks.get(key)
+    if mask is None:
+        mask = position_mask(spec, notes["prompt_mask"][start : start + size], pass_start, width, notes.get("generating", False), controller.path)
+        mask = masks[key] = mask.to(original.device)
+    return torch.where(mask.reshape(shape), changed, original)
+
+
+def _token_axis(original: torch.Tensor, spec: PositionSpec, size: int, span: int, batcher: Any, controller: AdapterController) -> tuple:
+    """The run's notes, this pass's columns ``(start, width)`` and the shape a ``(size, width)`` mask takes on ``original``."""
     notes = batcher.__dict__.get(NOTE) or {}
     if "pass" not in notes:
         raise ValueError(
@@ -306,13 +327,16 @@ def _at_positions(
             f"no token axis of this pass's {width} tokens to choose from. Put the intervention on "
             f"a module whose output is (batch, tokens, ...), or drop `positions=`."
         )
-    masks = notes.setdefault("masks", {})
-    key = (pass_start, width, start, size, spec.key())
-    mask = masks.get(key)
-    if mask is None:
-        mask = position_mask(spec, notes["prompt_mask"][start : start + size], pass_start, width, notes.get("generating", False), controller.path)
-        mask = masks[key] = mask.to(original.device)
-    return torch.where(mask.reshape(shape), changed, original)
+    return notes, pass_start, width, shape
+
+
+def _pass_positions(
+    original: torch.Tensor, spec: PositionSpec, start: int, size: int, span: int, batcher: Any, controller: AdapterController
+) -> torch.Tensor:
+    """Each token's position among its row's real tokens (-1 on padding), shaped to broadcast over ``original``."""
+    notes, pass_start, width, shape = _token_axis(original, spec, size, span, batcher, controller)
+    columns = column_positions(notes["prompt_mask"][start : start + size], pass_start, width)  # (size, width)
+    return columns.to(original.device).reshape(shape)
 
 
 def replace_first_tensor(output: Any, value: torch.Tensor) -> Any:

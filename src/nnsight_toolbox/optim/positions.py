@@ -93,6 +93,27 @@ def prompt_positions(prompt_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), mask.cumsum(1) - 1, torch.full_like(mask, -1))
 
 
+def column_positions(prompt_mask: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    """``(rows, width)``: each column of the pass's position among its row's real tokens, -1 on padding.
+
+    Columns ``[start, start + width)`` of the whole sequence; generated columns
+    (from the prompt's width on) continue each row's count.
+
+    Examples:
+        >>> column_positions(torch.tensor([[0, 1, 1], [1, 1, 1]]), 0, 3).tolist()
+        [[-1, 0, 1], [0, 1, 2]]
+        >>> column_positions(torch.tensor([[0, 1, 1], [1, 1, 1]]), 3, 1).tolist()   # first generated token
+        [[2], [3]]
+    """
+    prompt_width = prompt_mask.shape[1]
+    lengths = prompt_mask.to(torch.long).sum(1)  # (rows,) real prompt tokens
+    columns = torch.arange(start, start + width)  # absolute columns of this pass
+    in_prompt = columns < prompt_width
+    by_prompt = prompt_positions(prompt_mask)[:, columns.clamp(max=prompt_width - 1)]  # (rows, width)
+    generated = lengths[:, None] + (columns - prompt_width)[None, :]
+    return torch.where(in_prompt[None, :], by_prompt, generated)
+
+
 def position_mask(spec: PositionSpec, prompt_mask: torch.Tensor, start: int, width: int, generating: bool, path: str) -> torch.Tensor:
     """``(rows, width)`` booleans: which columns ``[start, start + width)`` of the pass ``spec`` picks, per row.
 
@@ -106,13 +127,8 @@ def position_mask(spec: PositionSpec, prompt_mask: torch.Tensor, start: int, wid
         >>> position_mask(normalize_positions(0), mask, 0, 3, False, "m").tolist()
         [[False, True, False], [True, False, False]]
     """
-    rows, prompt_width = prompt_mask.shape
     lengths = prompt_mask.to(torch.long).sum(1)  # (rows,) real prompt tokens
-    columns = torch.arange(start, start + width)  # absolute columns of this pass
-    in_prompt = columns < prompt_width
-    by_prompt = prompt_positions(prompt_mask)[:, columns.clamp(max=prompt_width - 1)]  # (rows, width)
-    generated = lengths[:, None] + (columns - prompt_width)[None, :]
-    position = torch.where(in_prompt[None, :], by_prompt, generated)  # -1 on padding
+    position = column_positions(prompt_mask, start, width)  # -1 on padding
     real = position >= 0
     if spec.ints is not None:
         wanted = torch.tensor(spec.ints)[None, :] + torch.where(torch.tensor(spec.ints) < 0, lengths[:, None], 0)  # (rows, k)

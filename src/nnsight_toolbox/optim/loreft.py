@@ -1,0 +1,278 @@
+"""`LoReFT`: low-rank linear subspace representation fine-tuning (pyreft's ``LoreftIntervention``).
+
+ReFT (Wu et al. 2024, "ReFT: Representation Finetuning for Language Models",
+arXiv:2404.03592, eq. 2) edits a hidden state ``h`` (d wide) inside an
+r-dimensional subspace spanned by the rows of ``R`` (r, d), which are orthonormal::
+
+    LoReFT(h) = h + R^T (W h + b - R h)        W (r, d), b (r,)
+    DiReFT(h) = h + R^T (W h + b)              (no projection out; `DiReFT`)
+
+``R`` is kept orthonormal the way ``torch.nn.utils.parametrizations.orthogonal``
+does with ``orthogonal_map="matrix_exp"``: the trainable tensor is a generator
+``A`` (d, r), and ``R^T = base @ exp(S)[:, :r]`` where ``S`` is the skew-symmetric
+matrix built from ``A``'s lower triangle and ``base`` a fixed orthogonal buffer.
+Weight decay pulls ``A`` towards 0, that is ``R`` towards ``base``'s first
+columns, which stay orthonormal. (The default map for a non-square matrix,
+Householder, which pyreft gets, lets weight decay shrink ``R`` itself.) The
+formula is written out here rather than taken from torch's parametrization
+because a parametrized module refuses to pickle, and a remote request pickles
+the intervention.
+
+``state_dict()`` uses pyreft's keys, so pyreft's own ``state_dict()`` loads here
+and ours loads into pyreft: ``rotate_layer`` (d, r) = ``R^T``, ``weight`` (r, d)
+and ``bias`` (r,).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from .module_intervention import ModuleIntervention, add_in_dtype
+
+if TYPE_CHECKING:
+    from nnsight.intervention.envoy import Envoy
+
+__all__ = ["LoReFT", "ReftBase"]
+
+#: pyreft's state_dict keys, in its order.
+REFT_KEYS = ("weight", "bias", "rotate_layer")
+
+
+class OrthonormalColumns(torch.nn.Module):
+    """``weight`` (d, r) with orthonormal columns: ``base @ matrix_exp(skew(generator))[:, :r]``.
+
+    torch's ``orthogonal(..., orthogonal_map="matrix_exp")`` for a tall matrix,
+    written out: ``generator`` is the trainable tensor, ``base`` a fixed
+    orthogonal (d, d) buffer. It starts as pyreft's ``LowRankRotateLayer``: an
+    ``orthogonal_`` init, kept exactly as ``base``'s first columns with ``generator = 0``.
+    """
+
+    def __init__(self, d: int, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        torch.nn.Module.__init__(self)
+        start = torch.empty(d, r, dtype=torch.float32, device=device)
+        torch.nn.init.orthogonal_(start)  # as pyreft's LowRankRotateLayer; QR has no half-precision kernel on CPU
+        start = start.to(dtype)
+        self.generator = torch.nn.Parameter(torch.zeros(d, r, dtype=dtype, device=device))
+        self.register_buffer("base", complete_orthonormal(start))
+        self._cached: Any = None  # (versions, weight) outside autograd: generation reuses one weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``R^T``, (d, r)."""
+        generator, base = self.generator, self.base
+        grad = torch.is_grad_enabled() and generator.requires_grad
+        key = (generator._version, base._version, generator.data_ptr(), base.data_ptr())
+        if not grad and self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        d, r = generator.shape
+        lower = generator.tril()  # (d, r): torch's map reads the lower triangle only
+        square = torch.cat([lower, lower.new_zeros(d, d - r)], dim=1)  # (d, d)
+        rotation = torch.matrix_exp(square - square.mT)[:, :r]  # exp of a skew matrix is orthogonal
+        weight = base @ rotation  # (d, d) @ (d, r)
+        self._cached = None if grad else (key, weight)
+        return weight
+
+
+class ReftBase(ModuleIntervention):
+    """What `LoReFT` and `DiReFT` share: ``R`` (orthonormal rows), ``W`` and ``b``, pyreft's keys.
+
+    Examples:
+        >>> from nnsight_toolbox import LoReFT
+        >>> reft = LoReFT(model.transformer.h[0], r=4)
+        >>> sorted(reft.state_dict())            # pyreft's keys
+        ['bias', 'rotate_layer', 'weight']
+    """
+
+    reads_output = True
+    """The formula's backward keeps ``h``: the machinery hands it a copy it will not overwrite.
+
+    Examples:
+        >>> from nnsight_toolbox import LoReFT
+        >>> LoReFT.reads_output
+        True
+    """
+
+    r: int
+    """The rank of the edited subspace.
+
+    Examples:
+        >>> from nnsight_toolbox import LoReFT
+        >>> LoReFT(model.transformer.h[0], r=4).r
+        4
+    """
+
+    rotate_layer: OrthonormalColumns
+    """Holds ``weight`` = ``R^T`` ``(d, r)``, kept orthonormal by the matrix-exponential map.
+
+    Its trainable tensor is ``rotate_layer.generator``; ``rotate_layer.base`` is a fixed buffer.
+
+    Examples:
+        >>> from nnsight_toolbox import LoReFT
+        >>> LoReFT(model.transformer.h[0], r=4).rotate_layer.weight.shape
+        torch.Size([32, 4])
+    """
+
+    learned_source: torch.nn.Linear
+    """``W h + b``: a ``Linear(d, r)``, as pyreft's ``learned_source``.
+
+    Examples:
+        >>> from nnsight_toolbox import LoReFT
+        >>> LoReFT(model.transformer.h[0], r=4).learned_source.weight.shape
+        torch.Size([4, 32])
+    """
+
+    def __init__(
+        self, module: Envoy, r: int, *, dropout: float = 0.0, dtype: torch.dtype = torch.float32, output_dim: int | None = None
+    ) -> None:
+        """``R`` orthonormal (pyreft's orthogonal init), ``W, b`` as a fresh ``Linear(d, r)``."""
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"`r` (the rank of the subspace) must be a positive int, got {r!r}. Pass e.g. `r=4`.")
+        ModuleIntervention.__init__(self, module, dropout=dropout, dtype=dtype, output_dim=output_dim)
+        if r > self.output_dim:
+            raise ValueError(f"`r` must be at most the output width {self.output_dim} of `{self.path}`, got r={r}.")
+        self.r = r
+        self.rotate_layer = OrthonormalColumns(self.output_dim, r, dtype, self._device_hint)
+        self.learned_source = torch.nn.Linear(self.output_dim, r, dtype=dtype, device=self._device_hint)  # W h + b
+
+    def config(self) -> dict[str, Any]:
+        """The constructor's keyword arguments, as JSON values (``r`` included).
+
+        Examples:
+            >>> from nnsight_toolbox import LoReFT
+            >>> LoReFT(model.transformer.h[0], r=4).config()["r"]
+            4
+        """
+        return {"r": self.r, **ModuleIntervention.config(self)}
+
+    @property
+    def R(self) -> torch.Tensor:
+        """``R``, shape ``(r, d)``, orthonormal rows (computed from ``rotate_layer``).
+
+        Examples:
+            >>> from nnsight_toolbox import LoReFT
+            >>> R = LoReFT(model.transformer.h[0], r=4).R
+            >>> torch.allclose(R @ R.T, torch.eye(4), atol=1e-5)
+            True
+        """
+        return self.rotate_layer.weight.T
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> "OrderedDict[str, torch.Tensor]":  # type: ignore[override]
+        """pyreft's keys: ``weight`` (r, d), ``bias`` (r,), ``rotate_layer`` (d, r) = ``R^T``.
+
+        Examples:
+            >>> from nnsight_toolbox import LoReFT
+            >>> {k: tuple(v.shape) for k, v in LoReFT(model.transformer.h[0], r=4).state_dict().items()}
+            {'weight': (4, 32), 'bias': (4,), 'rotate_layer': (32, 4)}
+        """
+        out = OrderedDict() if destination is None else destination
+        tensors = (self.learned_source.weight, self.learned_source.bias, self.rotate_layer.weight)
+        for key, value in zip(REFT_KEYS, tensors):
+            out[prefix + key] = value if keep_vars else value.detach()
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+        """Load ``weight``, ``bias`` and ``rotate_layer`` (ours, or pyreft's ``LoreftIntervention.state_dict()``).
+
+        ``R^T`` is restored bit for bit: it becomes the first ``r`` columns of the
+        fixed orthogonal ``rotate_layer.base`` (the rest completes it to an
+        orthogonal matrix) and the generator is reset to 0, so ``exp(0) = I``.
+        The parameters stay the same objects, so an optimizer holding them keeps working.
+
+        Examples:
+            >>> from nnsight_toolbox import LoReFT
+            >>> a, b = LoReFT(model.transformer.h[0], r=4), LoReFT(model.transformer.h[0], r=4)
+            >>> _ = b.load_state_dict(a.state_dict())
+            >>> torch.equal(a.R, b.R)
+            True
+        """
+        missing = [k for k in REFT_KEYS if k not in state_dict]
+        unexpected = sorted(k for k in state_dict if k not in REFT_KEYS)
+        if missing or (strict and unexpected):
+            raise KeyError(
+                f"`{type(self).__name__}.load_state_dict` takes pyreft's keys {list(REFT_KEYS)}; missing "
+                f"{missing or 'none'}, unexpected {unexpected or 'none'}. Pass `state_dict()` of a "
+                f"`{type(self).__name__}` or of pyreft's intervention of the same rank."
+            )
+        d, r = self.output_dim, self.r
+        expected = {"weight": (r, d), "bias": (r,), "rotate_layer": (d, r)}
+        for key, shape in expected.items():
+            if tuple(state_dict[key].shape) != shape:
+                raise ValueError(
+                    f"`{key}` has shape {tuple(state_dict[key].shape)}, but this {type(self).__name__} "
+                    f"(r={r}, width {d}) needs {shape}. Build it with the rank the weights were trained at."
+                )
+        with torch.no_grad():
+            self.learned_source.weight.copy_(state_dict["weight"])
+            self.learned_source.bias.copy_(state_dict["bias"])
+            rotation = self.rotate_layer
+            Rt = state_dict["rotate_layer"].to(rotation.generator.dtype).to(rotation.generator.device)
+            rotation.base.copy_(complete_orthonormal(Rt))
+            rotation.generator.zero_()  # exp(0) = I, so R^T = base[:, :r] exactly
+        return None
+
+    def _parts(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(h, dropout(h), R^T)`` in the intervention's dtype."""
+        self._check_width(output)
+        Rt = self.rotate_layer.weight  # (d, r)
+        h = output.to(Rt.dtype)
+        return h, self._dropped(h), Rt
+
+    def extra_repr(self) -> str:
+        return ModuleIntervention.extra_repr(self)
+
+
+class LoReFT(ReftBase):
+    """pyreft's ``LoreftIntervention`` on a module's output: ``h + alpha * R^T (W h + b - R h)``.
+
+    ``R`` (r, d) has orthonormal rows and stays so through training, weight
+    decay included; ``W, b`` is a ``Linear(d, r)``. With dropout, ``h`` inside
+    the bracket is ``dropout(h)`` (pyreft drops out the result instead).
+
+    Args:
+        module: The nnsight Envoy of the module, such as a decoder layer
+            ``model.transformer.h[3]``; its output is a tensor, or a tuple whose
+            first element is one.
+        r: The rank of the edited subspace.
+        dropout: Dropout probability on ``h`` inside the bracket, training mode only.
+        dtype: The dtype of ``R``, ``W``, ``b`` and the arithmetic.
+        output_dim: The width ``d``, for a module whose width cannot be inferred.
+
+    Examples:
+        >>> from nnsight_toolbox import LoReFT
+        >>> reft = LoReFT(model.transformer.h[1], r=4)
+        >>> optimizer = torch.optim.AdamW(reft.parameters(), lr=1e-2)
+        >>> with model.trace("The Eiffel Tower is in"):
+        ...     reft(positions=[0, 1, -2, -1])             # pyreft's "f2+l2"
+        ...     logits = model.lm_head.output.save()
+        >>> logits.sum().backward()
+        >>> optimizer.step()
+    """
+
+    def intervene(self, output: torch.Tensor, x: object, alpha: float) -> torch.Tensor:
+        """``output + alpha * R^T (W d(h) + b - R d(h))`` in the intervention's dtype, cast back.
+
+        Examples:
+            >>> from nnsight_toolbox import LoReFT
+            >>> reft = LoReFT(model.transformer.h[1], r=4)
+            >>> h = torch.randn(1, 3, 32)
+            >>> torch.equal(reft.intervene(h, None, 0.0), h)
+            True
+        """
+        h, dh, Rt = self._parts(output)
+        delta = (self.learned_source(dh) - dh @ Rt) @ Rt.T  # ((B, T, r) - (B, T, d) @ (d, r)) @ (r, d)
+        return add_in_dtype(output, delta, alpha)
+
+
+def complete_orthonormal(Rt: torch.Tensor) -> torch.Tensor:
+    """A (d, d) matrix whose first r columns are ``Rt`` bit for bit and whose others complete them orthonormally."""
+    d, r = Rt.shape
+    if r == d:
+        return Rt.clone()
+    generator = torch.Generator().manual_seed(0)  # deterministic: the completion is not saved
+    noise = torch.randn(d, d - r, generator=generator, dtype=torch.float64).to(Rt.device)
+    R64 = Rt.to(torch.float64)
+    noise = noise - R64 @ (R64.T @ noise)  # project out span(Rt), then orthonormalize the rest
+    rest, _ = torch.linalg.qr(noise)
+    return torch.cat([Rt, rest.to(Rt.dtype)], dim=1)

@@ -1,0 +1,74 @@
+"""`SteeringVector`: a trainable vector added to a module's output.
+
+The steering-vectors / repeng idea (a vector added at a layer, scaled by a
+multiplier), made trainable: ``h + alpha * v``. Where it acts is the shared
+machinery's job (`nnsight_toolbox.optim.activation`): ``positions=`` plays the
+role of steering-vectors' ``min_token_index`` and more.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .module_intervention import ModuleIntervention, add_in_dtype
+
+if TYPE_CHECKING:
+    from nnsight.intervention.envoy import Envoy
+
+__all__ = ["SteeringVector"]
+
+
+class SteeringVector(ModuleIntervention):
+    """A trainable vector ``v`` added to a module's output: ``h + alpha * dropout(v)``.
+
+    ``v`` starts at zeros, so a fresh vector changes nothing until trained.
+    The sum is computed in ``dtype`` and cast back to the output's dtype.
+
+    Args:
+        module: The nnsight Envoy of the module, such as ``model.transformer.h[3]``.
+            Its output must be a tensor, or a tuple whose first element is one.
+        dropout: Dropout probability on ``v``, in training mode only.
+        dtype: The dtype of ``v`` and of the sum.
+        output_dim: The output width, for a module whose width cannot be inferred.
+
+    Examples:
+        >>> from nnsight_toolbox import SteeringVector
+        >>> steer = SteeringVector(model.transformer.h[0])
+        >>> optimizer = torch.optim.AdamW(steer.parameters(), lr=1e-2)
+        >>> with model.trace("The Eiffel Tower is in"):
+        ...     steer(alpha=1.0, positions=-1)        # the last prompt token only
+        ...     logits = model.lm_head.output.save()
+        >>> logits.sum().backward()
+        >>> steer.v.grad.shape
+        torch.Size([32])
+    """
+
+    v: torch.nn.Parameter
+    """The vector, shape ``(output_dim,)``; starts at zeros.
+
+    Examples:
+        >>> from nnsight_toolbox import SteeringVector
+        >>> SteeringVector(model.transformer.h[0]).v.shape
+        torch.Size([32])
+    """
+
+    def __init__(self, module: Envoy, *, dropout: float = 0.0, dtype: torch.dtype = torch.float32, output_dim: int | None = None) -> None:
+        """A zero vector of the module's output width; see the class for the arguments."""
+        ModuleIntervention.__init__(self, module, dropout=dropout, dtype=dtype, output_dim=output_dim)
+        self.v = torch.nn.Parameter(torch.zeros(self.output_dim, dtype=dtype, device=self._device_hint))
+
+    def intervene(self, output: torch.Tensor, x: object, alpha: float) -> torch.Tensor:
+        """``output + alpha * dropout(v)``, in ``v``'s dtype, cast back to ``output``'s.
+
+        Examples:
+            >>> from nnsight_toolbox import SteeringVector
+            >>> steer = SteeringVector(model.transformer.h[0])
+            >>> with torch.no_grad():
+            ...     _ = steer.v.fill_(1.0)
+            ...     steer.intervene(torch.zeros(1, 2, 32), None, 0.5)[0, 0, :3]
+            tensor([0.5000, 0.5000, 0.5000])
+        """
+        self._check_width(output)
+        return add_in_dtype(output, self._dropped(self.v), alpha)  # (B, T, d) + (d,)
