@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from .activation import Steps, activate, check_alpha, normalize_steps
 from .dims import infer_dims
+from .lora import _home_device as lora_home_device
+from .lora import _module_device  # at module level: a server rebuilds functions without their package
 from .optimization import Optimization
 from .positions import PositionSpec, Positions, normalize_positions
 
@@ -172,8 +174,6 @@ class ModuleIntervention(Optimization):
 
     def _follow_module_device(self) -> None:
         """Move the parameters (in place) to the module's device once the model has real weights there."""
-        from .lora import _module_device
-
         device = _module_device(self.module)
         first = next(iter(self.parameters()), None)
         if device is not None and device.type != "meta" and first is not None and device != first.device:
@@ -253,6 +253,4 @@ def _check_dtype(dtype: Any) -> None:
 
 
 def _home_device(module: Envoy) -> torch.device:
-    from .lora import _home_device as lora_home_device
-
     return lora_home_device(module)
