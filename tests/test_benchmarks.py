@@ -164,3 +164,20 @@ def test_count_runs_under_callgrind_and_counts_the_whole_call(tmp_path):
     for check in (r for r in counted if r["measure"] == "linearity"):
         assert check["x2_over_x1"] == pytest.approx(2.0, abs=0.02), check  # greenlet switches did not stop the count
     assert "| generate |" in out.with_suffix(".md").read_text()
+
+
+def test_every_intervention_generates_what_its_hook_does_before_it_is_counted():
+    done = run(sys.executable, str(BENCHMARKS / "count_interventions.py"), "--check", "--new-tokens", "3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "every variant generates what its hook does" in done.stdout
+
+
+def test_count_interventions_costs_each_call_over_its_own_base():
+    sys.path.insert(0, str(BENCHMARKS))
+    import count_interventions
+
+    counts = {"base": 1000, "nnsight-base": 2000, "lora:hook": 1000 + 16 * 4 * 50, "lora:toolbox": 2000 + 16 * 4 * 52, "lora:toolbox-positions": 2000 + 16 * 4 * 60}
+    per_pass = {name: 16 for name in counts if ":" in name}
+    records = count_interventions.records_of(counts, per_pass, new_tokens=4)
+    ratio = next(r for r in records if r["measure"] == "ratio_to_hook")
+    assert ratio == dict(measure="ratio_to_hook", kind="lora", toolbox=1.04, toolbox_positions=1.2, positions_extra_per_call=8, within_bar=True)

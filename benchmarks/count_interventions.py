@@ -1,0 +1,311 @@
+"""Count what each intervention costs per call, against a bare torch hook computing the same formula.
+
+For every intervention type of the package (LoRA, steering vector, LoReFT,
+DiReFT, soft prompt), one greedy generation at batch 1 is counted under
+callgrind three ways:
+
+- ``toolbox``: the package as users write it (a set of interventions switched on
+  inside ``model.generate``), every token;
+- ``toolbox-positions``: the same with ``positions=`` (the last prompt token and
+  every generated one; a soft prompt's own default, positions 0..n-1);
+- ``hook``: plain torch forward hooks on the raw model, computing the same formula.
+
+Each intervention's per-call cost is its count minus the count of the same
+generation without it (``nnsight-base`` for the package, ``base`` for the hooks:
+nnsight's own per-module handoff is paid by any nnsight trace, so it is taken
+out), divided by the number of intervention calls. Before anything is counted,
+each variant's generated tokens must equal its hook's. Run by hand, never as a test::
+
+    python benchmarks/count_interventions.py            # about 10 minutes on 2 cores
+    python benchmarks/count_interventions.py --check    # no valgrind: only the agreement check
+
+One process does all the counting (import and model building happen once,
+uninstrumented); each counted call is its own callgrind dump, as in `count.py`.
+Writes ``benchmarks/results/count-interventions-<time>.jsonl`` and a ``.md`` table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+#: The model: `cpu-dispatch`'s shape (16 layers, 64 wide, 4096 tokens), so a call costs its dispatch.
+LAYERS, HIDDEN, VOCAB = 16, 64, 4096
+KINDS = ("lora", "steering", "loreft", "direft", "soft-prompt")
+#: The issue's bar: an intervention's per-call cost is at most this many times its hook's.
+BAR = 1.10
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--new-tokens", type=int, default=8, help="tokens each counted generate produces (default 8)")
+    parser.add_argument("--check", action="store_true", help="only check that every variant generates what its hook does")
+    parser.add_argument("--out", type=Path, help="JSON lines file (default: benchmarks/results/count-interventions-<time>.jsonl)")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # the dump prefix, under callgrind
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------
+# The interventions and their hooks
+# ---------------------------------------------------------------------------
+
+
+def build(kind: str, model, generator):
+    """``(switch_on(positions), hooks, calls_per_pass, positions)`` for one intervention type.
+
+    ``hooks`` is a list of ``(raw module, forward hook)`` computing the same formula
+    with the same tensors; ``positions`` is what ``toolbox-positions`` passes.
+    """
+    import torch
+
+    from nnsight_toolbox import DiReFT, InterventionSet, LoReFT, LORA, LoraSet, SoftPrompt, SteeringVector
+
+    mlps = [model.model.layers[i].mlp for i in range(LAYERS)]
+    raw = [m._module for m in mlps]
+
+    def perturb(intervention):
+        with torch.no_grad():
+            for parameter in intervention.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        return intervention
+
+    if kind == "soft-prompt":
+        soft = perturb(SoftPrompt(model.model.embed_tokens, n=4))
+        vectors = soft.state_dict()[next(iter(soft.state_dict()))].detach().clone()
+
+        def prompt_hook(module, args, output):
+            if output.shape[1] == 1:  # a decode step: no placeholder here
+                return output
+            output = output.clone()
+            output[:, : vectors.shape[0]] = vectors.to(output.dtype)
+            return output
+
+        return (lambda positions: soft(positions=positions)), [(model.model.embed_tokens._module, prompt_hook)], 1, None
+    if kind == "lora":
+        loras = LoraSet(perturb(LORA(m, r=16)) for m in mlps)
+        hooks = [(r, _lora_hook(l.WA.detach(), l.WB.detach())) for r, l in zip(raw, loras.values())]
+        return (lambda positions: loras(positions=positions)), hooks, LAYERS, slice(-1, None)
+    if kind == "steering":
+        steers = [perturb(SteeringVector(m)) for m in mlps]
+        hooks = [(r, _steer_hook(s.v.detach().clone())) for r, s in zip(raw, steers)]
+    else:
+        cls = LoReFT if kind == "loreft" else DiReFT
+        steers = [perturb(cls(m, r=4)) for m in mlps]
+        hooks = []
+        for r, s in zip(raw, steers):
+            with torch.no_grad():
+                Rt = s.rotate_layer.weight.detach().clone()  # (d, r), orthonormal columns
+            W, b = s.learned_source.weight.detach().clone(), s.learned_source.bias.detach().clone()
+            hooks.append((r, _reft_hook(Rt, W, b, subtract=kind == "loreft")))
+    group = InterventionSet(steers)
+    return (lambda positions: group(positions=positions)), hooks, LAYERS, slice(-1, None)
+
+
+def _lora_hook(WA, WB):
+    def hook(module, args, output):
+        return output + args[0] @ WA @ WB
+
+    return hook
+
+
+def _steer_hook(v):
+    def hook(module, args, output):
+        return output + v
+
+    return hook
+
+
+def _reft_hook(Rt, W, b, subtract: bool):
+    def hook(module, args, output):
+        source = output @ W.T + b  # (B, T, r)
+        if subtract:
+            source = source - output @ Rt
+        return output + source @ Rt.T
+
+    return hook
+
+
+@contextlib.contextmanager
+def hooked(hooks):
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---------------------------------------------------------------------------
+# The counted process
+# ---------------------------------------------------------------------------
+
+
+def calls_to_count(new_tokens: int):
+    """``{name: (callable, context)}`` for every counted generation, each checked against its hook first."""
+    import torch
+
+    from nnsight_toolbox.testing import save_tiny_model
+    from transformers import AutoTokenizer
+
+    from nnsight import TransformersModel
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    folder = save_tiny_model("llama", Path(tempfile.mkdtemp()) / "llama", hidden=HIDDEN, layers=LAYERS, vocab_size=VOCAB, heads=4)
+    model = TransformersModel(folder, task="text-generation", tokenizer=AutoTokenizer.from_pretrained(folder), dispatch=True)
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, VOCAB, (1, 16), generator=generator)
+    settings = dict(max_new_tokens=new_tokens, do_sample=False)
+
+    def nnsight_generate(switch_on=None, positions=None):
+        with model.generate(prompt, **settings) as tracer:
+            if switch_on is not None:
+                switch_on(positions)
+            ids = tracer.result.save()
+        return ids
+
+    def raw_generate():
+        return model._module.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), pad_token_id=VOCAB - 1, **settings)
+
+    calls = {"nnsight-base": (nnsight_generate, contextlib.nullcontext, 0), "base": (raw_generate, contextlib.nullcontext, 0)}
+    base_ids = raw_generate()
+    for kind in KINDS:
+        switch_on, hooks, per_pass, positions = build(kind, model, generator)
+        with hooked(hooks):
+            expected = raw_generate()
+        if torch.equal(expected, base_ids):
+            raise SystemExit(f"{kind}: the hook changes nothing; perturb the weights more.")
+        got = nnsight_generate(switch_on)
+        if not torch.equal(got, expected):
+            raise SystemExit(f"{kind}: the package generated {got.tolist()}, its hook {expected.tolist()}.")
+        calls[f"{kind}:toolbox"] = ((lambda s=switch_on: nnsight_generate(s)), contextlib.nullcontext, per_pass)
+        if positions is not None:
+            calls[f"{kind}:toolbox-positions"] = ((lambda s=switch_on, p=positions: nnsight_generate(s, p)), contextlib.nullcontext, per_pass)
+        calls[f"{kind}:hook"] = (raw_generate, (lambda h=hooks: hooked(h)), per_pass)
+    return calls
+
+
+def count_in_worker(prefix: Path, new_tokens: int) -> None:
+    import gc
+
+    from count import callgrind_control
+
+    calls = calls_to_count(new_tokens)
+    prefix.with_suffix(".json").write_text(json.dumps({name: per_pass for name, (_, _, per_pass) in calls.items()}))
+    for call, context, _ in calls.values():  # uninstrumented warm-up
+        with context():
+            call()
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    callgrind_control("-i", "on")
+    for name, (call, context, _) in calls.items():
+        with context():
+            call()  # once instrumented, so that translating the code is not counted
+            sys.call_tracing(call, ())
+        callgrind_control(f"--dump={name}")
+
+
+# ---------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------
+
+
+def records_of(counts: dict[str, int], per_pass: dict[str, int], new_tokens: int) -> list[dict]:
+    """Per kind and variant: instructions, and the cost per intervention call over its base."""
+    records = []
+    for name, instructions in counts.items():
+        if ":" not in name:
+            records.append(dict(measure="instructions", variant=name, instructions=instructions))
+            continue
+        kind, variant = name.split(":")
+        base = counts["base" if variant == "hook" else "nnsight-base"]
+        per_call = (instructions - base) / (per_pass[name] * new_tokens)
+        records.append(dict(measure="instructions", kind=kind, variant=variant, instructions=instructions, per_call=round(per_call)))
+    for kind in KINDS:
+        by_variant = {r["variant"]: r["per_call"] for r in records if r.get("kind") == kind}
+        if "toolbox" in by_variant and "hook" in by_variant:
+            ratio = dict(measure="ratio_to_hook", kind=kind, toolbox=round(by_variant["toolbox"] / by_variant["hook"], 3))
+            if "toolbox-positions" in by_variant:
+                ratio["toolbox_positions"] = round(by_variant["toolbox-positions"] / by_variant["hook"], 3)
+                ratio["positions_extra_per_call"] = by_variant["toolbox-positions"] - by_variant["toolbox"]
+            ratio["within_bar"] = ratio["toolbox"] <= BAR
+            records.append(ratio)
+    return records
+
+
+def markdown(meta: dict, records: list[dict]) -> str:
+    per_call = {(r["kind"], r["variant"]): r["per_call"] for r in records if "per_call" in r}
+    ratios = {r["kind"]: r for r in records if r["measure"] == "ratio_to_hook"}
+    lines = [
+        f"### Per-call cost of each intervention against a bare torch hook (instructions; `{meta['model']}`, "
+        f"generate {meta['new_tokens']} tokens at batch 1)",
+        "",
+        "| intervention | hook (k/call) | toolbox (k/call) | toolbox / hook | with `positions=` (k/call) | `positions=` extra (k/call) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for kind in KINDS:
+        if (kind, "hook") not in per_call:
+            continue
+        ratio = ratios[kind]
+        with_positions = per_call.get((kind, "toolbox-positions"))
+        positioned = "-" if with_positions is None else f"{with_positions / 1e3:,.1f}"
+        extra = "-" if with_positions is None else f"{ratio['positions_extra_per_call'] / 1e3:,.1f}"
+        hook, toolbox = per_call[(kind, "hook")] / 1e3, per_call[(kind, "toolbox")] / 1e3
+        lines.append(f"| {kind} | {hook:,.1f} | {toolbox:,.1f} | {ratio['toolbox']:.3f}x | {positioned} | {extra} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    args = parse_args(argv)
+    if args.worker:
+        count_in_worker(args.worker, args.new_tokens)
+        return None
+    if args.check:
+        calls = calls_to_count(args.new_tokens)
+        print(f"every variant generates what its hook does ({len(calls) - 2} counted calls would follow)")
+        return None
+    missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
+    if missing:
+        raise SystemExit(f"{' and '.join(missing)} not found: counting needs valgrind (`apt-get install valgrind`).")
+    from count import read_dumps
+    from report import write_jsonl
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or HERE / "results" / f"count-interventions-{stamp}.jsonl"
+    with tempfile.TemporaryDirectory() as work:
+        prefix = Path(work) / "interventions.callgrind"
+        command = [
+            "valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
+            "--toggle-collect=sys_call_tracing", f"--callgrind-out-file={prefix}",
+            sys.executable, str(Path(__file__).resolve()), "--worker", str(prefix), "--new-tokens", str(args.new_tokens),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED="0", TQDM_DISABLE="1"))
+        counts = read_dumps(prefix)
+        if done.returncode != 0 or not counts:
+            raise SystemExit(f"Counting failed:\n{(done.stdout + done.stderr)[-4000:]}")
+        per_pass = json.loads(prefix.with_suffix(".json").read_text())
+    meta = dict(measure="meta", kind="instructions", model=f"Llama, {LAYERS} layers, {HIDDEN} wide, vocabulary {VOCAB}", new_tokens=args.new_tokens, date=stamp)
+    records = [meta, *records_of(counts, per_pass, args.new_tokens)]
+    write_jsonl(out, records)
+    table = markdown(meta, records)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
