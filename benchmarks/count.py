@@ -231,17 +231,27 @@ def main(argv: list[str] | None = None) -> Path | None:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or HERE / "results" / f"count-{config.name}-{stamp}.jsonl"
     counts: dict[str, dict[str, int]] = {}
+    adapters = 0
+
+    def finished() -> list[dict]:
+        """The meta line and the records of the variants counted so far, in the order asked for."""
+        meta = dict(measure="meta", kind="instructions", config=config.name, model_config=config.model, targets=list(config.targets), adapters=adapters, r=config.r, new_tokens=args.new_tokens, train_batch=list(config.train_batch), date=stamp)
+        if len(counts) < len(args.variants):
+            meta["partial"] = True
+        return [meta, *records_of({v: counts[v] for v in args.variants if v in counts}, args.new_tokens, adapters)]
+
     with tempfile.TemporaryDirectory() as work, concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
         futures = [pool.submit(count_variant, config.name, v, args.new_tokens, Path(work)) for v in args.variants]
         for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="variants under callgrind"):
             variant, by_measure, failure = future.result()
             if failure:
                 raise SystemExit(f"Counting `{variant}` failed:\n{failure}")
+            adapters = max(adapters, by_measure.pop("adapters", 0))
             counts[variant] = by_measure
-    adapters = max(c.pop("adapters", 0) for c in counts.values())
-    counts = {v: counts[v] for v in args.variants}
-    meta = dict(measure="meta", kind="instructions", config=config.name, model_config=config.model, targets=list(config.targets), adapters=adapters, r=config.r, new_tokens=args.new_tokens, train_batch=list(config.train_batch), date=stamp)
-    records = [meta, *records_of(counts, args.new_tokens, adapters)]
+            # A count of a large config takes many minutes a variant: one cut short keeps what it finished.
+            write_jsonl(out, finished())
+    records = finished()
+    meta = records[0]
     write_jsonl(out, records)
     table = markdown(meta, records)
     out.with_suffix(".md").write_text(table + "\n")
