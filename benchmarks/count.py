@@ -43,9 +43,9 @@ sys.path.insert(0, str(HERE))
 
 #: Variants counted by default: the package, its references, and the two bases
 #: that per-adapter costs are taken against.
-DEFAULT_VARIANTS = ("toolbox", "peft", "hooks", "nnsight-base", "base")
+DEFAULT_VARIANTS = ("toolbox", "peft-in-nnsight", "peft", "hooks", "nnsight-base", "base")
 #: Where each variant's per-adapter cost is measured from: the same model without adapters.
-BASE_OF = {"toolbox": "nnsight-base", "nnsight": "nnsight-base", "peft": "base", "hooks": "base"}
+BASE_OF = {"toolbox": "nnsight-base", "nnsight": "nnsight-base", "peft-in-nnsight": "nnsight-base", "peft": "base", "hooks": "base"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -166,9 +166,10 @@ def records_of(counts: dict[str, dict[str, int]], new_tokens: int, adapters: int
             if measure not in by_measure:
                 continue
             record = dict(measure="instructions", op=measure, variant=variant, instructions=by_measure[measure])
-            peft = counts.get("peft", {}).get(measure)
-            if peft:
-                record["ratio_to_peft"] = round(by_measure[measure] / peft, 4)
+            for reference in ("peft", "peft-in-nnsight"):
+                theirs = counts.get(reference, {}).get(measure)
+                if theirs:
+                    record[f"ratio_to_{reference.replace('-', '_')}"] = round(by_measure[measure] / theirs, 4)
             base = counts.get(BASE_OF.get(variant, ""), {}).get(measure)
             if base is not None and measure == "generate":
                 # a generate of n new tokens is n forward passes, each calling every adapter once
@@ -193,6 +194,13 @@ def markdown(meta: dict, records: list[dict]) -> str:
             continue
         row = [f"{cell[(op, v)]['ratio_to_peft']:.3f}x" if (op, v) in cell and "ratio_to_peft" in cell[(op, v)] else "-" for v in variants]
         lines.append(f"| {op.replace('_', ' ')} | {cell[(op, 'peft')]['instructions'] / 1e6:,.1f} | " + " | ".join(row) + " |")
+    against = [
+        f"{op.replace('_', ' ')} {cell[(op, 'toolbox')]['ratio_to_peft_in_nnsight']:.3f}x"
+        for op in ("train_step", "forward", "generate")
+        if "ratio_to_peft_in_nnsight" in cell.get((op, "toolbox"), {})
+    ]
+    if against:
+        lines += ["", "Toolbox over PEFT inside nnsight (`peft=`): " + ", ".join(against) + "."]
     per_call = {v: cell[("generate", v)].get("per_adapter_call") for v in variants if ("generate", v) in cell}
     per_call = {v: c for v, c in per_call.items() if c is not None}
     if per_call:
@@ -223,17 +231,27 @@ def main(argv: list[str] | None = None) -> Path | None:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or HERE / "results" / f"count-{config.name}-{stamp}.jsonl"
     counts: dict[str, dict[str, int]] = {}
+    adapters = 0
+
+    def finished() -> list[dict]:
+        """The meta line and the records of the variants counted so far, in the order asked for."""
+        meta = dict(measure="meta", kind="instructions", config=config.name, model_config=config.model, targets=list(config.targets), adapters=adapters, r=config.r, new_tokens=args.new_tokens, train_batch=list(config.train_batch), date=stamp)
+        if len(counts) < len(args.variants):
+            meta["partial"] = True
+        return [meta, *records_of({v: counts[v] for v in args.variants if v in counts}, args.new_tokens, adapters)]
+
     with tempfile.TemporaryDirectory() as work, concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
         futures = [pool.submit(count_variant, config.name, v, args.new_tokens, Path(work)) for v in args.variants]
         for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="variants under callgrind"):
             variant, by_measure, failure = future.result()
             if failure:
                 raise SystemExit(f"Counting `{variant}` failed:\n{failure}")
+            adapters = max(adapters, by_measure.pop("adapters", 0))
             counts[variant] = by_measure
-    adapters = max(c.pop("adapters", 0) for c in counts.values())
-    counts = {v: counts[v] for v in args.variants}
-    meta = dict(measure="meta", kind="instructions", config=config.name, model_config=config.model, targets=list(config.targets), adapters=adapters, r=config.r, new_tokens=args.new_tokens, train_batch=list(config.train_batch), date=stamp)
-    records = [meta, *records_of(counts, args.new_tokens, adapters)]
+            # A count of a large config takes many minutes a variant: one cut short keeps what it finished.
+            write_jsonl(out, finished())
+    records = finished()
+    meta = records[0]
     write_jsonl(out, records)
     table = markdown(meta, records)
     out.with_suffix(".md").write_text(table + "\n")

@@ -12,7 +12,9 @@ installs a controller as every module's ``forward``, so each would tax a model
 the others run on. Hence three copies with identical weights: a raw one for
 ``hooks`` and ``base`` (hooks are installed only while ``hooks`` runs), one
 PEFT wraps, and one nnsight wraps for ``toolbox``, ``nnsight`` and
-``nnsight-base``. The adapters of every variant start from the same tensors.
+``nnsight-base``. ``peft-in-nnsight`` is a fourth: nnsight wrapping a model
+whose targeted modules PEFT's layers have replaced (nnsight's ``peft=``). The
+adapters of every variant start from the same tensors.
 """
 
 from __future__ import annotations
@@ -20,16 +22,18 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AdapterInit", "Variant", "RawVariant", "HooksVariant", "PeftVariant", "TracedVariant", "ToolboxVariant", "PlainNnsightVariant", "Models", "build_models", "build_variants", "adapter_init", "VARIANT_ORDER"]
+__all__ = ["AdapterInit", "Variant", "RawVariant", "HooksVariant", "PeftVariant", "TracedVariant", "ToolboxVariant", "PlainNnsightVariant", "PeftInNnsightVariant", "Models", "build_models", "build_variants", "adapter_init", "VARIANT_ORDER"]
 
-#: Column order in reports: the package first, its references after.
-VARIANT_ORDER = ("toolbox", "toolbox-merged", "peft", "hooks", "nnsight", "nnsight-base", "base")
+#: Column order in reports: the package first, then the alternatives a user weighs
+#: it against (PEFT inside nnsight, then raw PEFT), then the references.
+VARIANT_ORDER = ("toolbox", "toolbox-merged", "peft-in-nnsight", "peft", "hooks", "nnsight", "nnsight-base", "base")
 
 
 @dataclass
@@ -271,6 +275,45 @@ class PlainNnsightVariant(TracedVariant):
             self.intervene()
 
 
+class PeftInNnsightVariant(TracedVariant):
+    """PEFT's LoRA inside nnsight, as an nnsight user loads a PEFT adapter: the same
+    adapters written by `export_peft` and attached with nnsight's ``peft=``, so
+    PEFT's layers replace the targeted modules of the traced model; traced with
+    no intervention."""
+
+    name = "peft-in-nnsight"
+
+    def __init__(self, models: Models, init: AdapterInit, r: int, pad_token_id: int) -> None:
+        from nnsight import LanguageModel
+
+        from nnsight_toolbox import LORA, export_peft
+
+        # Written from LORA objects on the nnsight copy (built, never called, so
+        # that copy's traces are untouched); `alpha=1.0` is PEFT's scale 1, as in
+        # `PeftVariant`. The directory lives as long as the variant.
+        exported = LORA.on(models.nnsight, init.paths, r=r)
+        with torch.no_grad():
+            for path, (a, b) in init.weights.items():
+                exported[path].WA.copy_(a)
+                exported[path].WB.copy_(b)
+        self.directory = tempfile.TemporaryDirectory(prefix="peft-in-nnsight-")
+        export_peft(exported, self.directory.name, alpha=1.0)
+        del exported
+        model = LanguageModel(copy.deepcopy(models.raw), tokenizer=models.nnsight.tokenizer, peft=self.directory.name)
+        # `export_peft` writes `inference_mode: true`, so PEFT loads the adapter
+        # frozen; a user training it inside nnsight switches it on, as here.
+        lora = [p for name, p in model._module.named_parameters() if ".lora_" in name]
+        if len(lora) != 2 * len(init.paths):
+            raise RuntimeError(f"`peft=` attached {len(lora)} LoRA tensors; expected A and B for each of {len(init.paths)} adapters.")
+        for p in lora:
+            p.requires_grad_(True)
+        self._parameters = lora
+        TracedVariant.__init__(self, model, pad_token_id, lora)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self._parameters
+
+
 # ---------------------------------------------------------------------------
 # Building
 # ---------------------------------------------------------------------------
@@ -324,6 +367,7 @@ def build_variants(models: Models, init: AdapterInit, r: int, names: tuple[str, 
     build = {
         "toolbox": lambda: ToolboxVariant(models.nnsight, init, r, pad),
         "toolbox-merged": lambda: ToolboxVariant(copy_nnsight_model(models), init, r, pad, merged=True),
+        "peft-in-nnsight": lambda: PeftInNnsightVariant(models, init, r, pad),
         "peft": lambda: PeftVariant(models.raw, init, r, pad),
         "hooks": lambda: HooksVariant(models.raw, init, pad),
         "nnsight": lambda: PlainNnsightVariant(models.nnsight, init, pad),

@@ -18,11 +18,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 REPEATS = 2
-VARIANTS = {"toolbox", "toolbox-merged", "peft", "hooks", "nnsight", "nnsight-base", "base"}
-TRAINERS = {"toolbox", "peft", "hooks", "nnsight"}
+VARIANTS = {"toolbox", "toolbox-merged", "peft-in-nnsight", "peft", "hooks", "nnsight", "nnsight-base", "base"}
+TRAINERS = {"toolbox", "peft-in-nnsight", "peft", "hooks", "nnsight"}
 
 pytest.importorskip("peft")
 pytest.importorskip("tqdm")
@@ -69,6 +70,29 @@ def test_every_variant_computes_what_the_hooks_compute(tiny_run):
             assert record["same_tokens"] is True, variant
 
 
+def test_peft_in_nnsight_runs_peft_layers_inside_the_traced_model():
+    """The variant is PEFT's own layers under nnsight's `peft=`, loaded from `export_peft`'s files,
+    not the package computing the same numbers: the agreement above would not tell them apart."""
+    from peft.tuners.lora import LoraLayer
+
+    configs, variants = import_benchmark("configs"), import_benchmark("variants")
+    config = configs.build_config("tiny")
+    models = variants.build_models(config)
+    init = variants.adapter_init(models.nnsight, config.targets, config.r, config.seed)
+    variant = variants.build_variants(models, init, config.r, ("peft-in-nnsight",))["peft-in-nnsight"]
+
+    assert variant.model is not models.nnsight and variant.model._module is not models.raw
+    assert variant.model.peft == variant.directory.name  # attached through `peft=`
+    assert {p.name for p in Path(variant.directory.name).iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    for path, (a, b) in init.weights.items():
+        layer = variant.model._module.get_submodule(path)
+        assert isinstance(layer, LoraLayer)
+        assert torch.equal(layer.lora_A["default"].weight, a.T) and torch.equal(layer.lora_B["default"].weight, b.T)
+        assert layer.scaling["default"] == 1.0
+    assert len(variant.parameters()) == 2 * len(init.paths) and all(p.requires_grad for p in variant.parameters())
+    assert not any(isinstance(m, LoraLayer) for m in models.raw.modules())  # the other copies stay bare
+
+
 def test_each_measure_times_every_variant_in_paired_rounds(tiny_run):
     meta = records(tiny_run)[0]
     assert meta["measure"] == "meta" and "partial" not in meta
@@ -81,6 +105,8 @@ def test_each_measure_times_every_variant_in_paired_rounds(tiny_run):
             assert len(record["times_ms"]) == REPEATS and all(t > 0 for t in record["times_ms"])
             assert record["median_ms"] == pytest.approx(statistics.median(record["times_ms"]), abs=1e-3)  # times_ms: rounded to µs
         assert timed["peft"]["ratio_to_peft"] == 1.0
+        assert timed["peft-in-nnsight"]["ratio_to_peft_in_nnsight"] == 1.0
+        assert "ratio_to_peft_in_nnsight" in timed["toolbox"]
 
     many = [r for r in records(tiny_run) if r["measure"] == "generate_many"]
     assert {(r["variant"], r["adapters"]) for r in many} == {(v, n) for v in ("toolbox", "peft", "hooks") for n in (2, 8)}
@@ -89,8 +115,11 @@ def test_each_measure_times_every_variant_in_paired_rounds(tiny_run):
     assert set(by_measure(tiny_run, "train_peak_memory")) == TRAINERS
     checks = [r for r in records(tiny_run) if r["measure"] == "bar"]
     assert any(c["check"].startswith("train_step: toolbox") for c in checks)
+    assert {c["check"] for c in checks} >= {"train_step: toolbox <= 1.00x peft-in-nnsight", "generate: toolbox <= 1.00x peft-in-nnsight"}
     assert all(isinstance(c["holds"], bool) for c in checks)
-    assert "| bar | measured |" in tiny_run.with_suffix(".md").read_text()
+    table = tiny_run.with_suffix(".md").read_text()
+    assert "| bar | measured |" in table
+    assert "Toolbox over PEFT inside nnsight (`peft=`), paired the same way: train step " in table
 
 
 def test_pool_pairs_each_round_with_peft(tiny_run, tmp_path):
@@ -144,12 +173,26 @@ def test_count_reads_one_total_per_dump_and_costs_each_adapter_call(tmp_path):
     (tmp_path / "toolbox.callgrind").write_text("desc: Trigger: Program termination\ntotals: 0\n")  # the final, empty one
     assert count.read_dumps(prefix) == {"forward": 700, "generate": 5_000, "generate_x2": 10_010}
 
-    counts = {"toolbox": {"generate": 5_000, "generate_x2": 10_010}, "peft": {"generate": 4_000}, "nnsight-base": {"generate": 3_400}}
+    counts = {
+        "toolbox": {"generate": 5_000, "generate_x2": 10_010},
+        "peft-in-nnsight": {"generate": 6_250},
+        "peft": {"generate": 4_000},
+        "nnsight-base": {"generate": 3_400},
+    }
     records = count.records_of(counts, new_tokens=4, adapters=2)
-    toolbox = next(r for r in records if r["variant"] == "toolbox" and r["measure"] == "instructions")
+    instructions = {r["variant"]: r for r in records if r["measure"] == "instructions"}
+    toolbox, inside = instructions["toolbox"], instructions["peft-in-nnsight"]
     assert toolbox["ratio_to_peft"] == 1.25
+    assert toolbox["ratio_to_peft_in_nnsight"] == 0.8
     assert toolbox["per_adapter_call"] == (5_000 - 3_400) / (4 * 2)  # 4 passes, 2 adapters each
+    # PEFT's layers inside nnsight are costed over the same traced model without adapters
+    assert inside["ratio_to_peft"] == 1.5625 and inside["per_adapter_call"] == round((6_250 - 3_400) / (4 * 2))
     assert next(r for r in records if r["measure"] == "linearity")["x2_over_x1"] == 2.002
+
+    meta = dict(config="tiny", adapters=2, r=4, new_tokens=4)
+    table = count.markdown(meta, records)
+    assert "| generate | 0.0 | 1.250x | 1.562x | 1.000x | 0.850x |" in table
+    assert "Toolbox over PEFT inside nnsight (`peft=`): generate 0.800x." in table
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None or shutil.which("callgrind_control") is None, reason="needs valgrind")

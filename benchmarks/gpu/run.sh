@@ -6,11 +6,14 @@
 #   run(command="bash benchmarks/gpu/run.sh", carry=[".whl"], timeout_s=600)
 #
 # Runs, in this order, each under what is left of BUDGET seconds (default 540):
-#   1. gpu-1b, run A: every measure but the 500-step loop
+#   1. gpu-1b, run A: every measure but the 500-step loop, every variant
+#      (PEFT inside nnsight, `peft-in-nnsight`, included)
 #   2. gpu-8b, run A: train step, forward, generate, peak memory (without the
-#      slow plain-nnsight column, which run 1 already reports for the 1B model)
-#   3. gpu-1b, run B and 4. gpu-8b, run B: the same three measures again, for
-#      the bar's "holds in both runs"
+#      slow plain-nnsight column, which run 1 already reports for the 1B model,
+#      nor `peft-in-nnsight`, whose fifth 16 GB copy of the 8B model and extra
+#      column are what the 1B runs answer more cheaply)
+#   3. gpu-1b, run B (with `peft-in-nnsight`) and 4. gpu-8b, run B: the same
+#      three measures again, for the bar's "holds in both runs"
 #   5. gpu-1b: the 500-step loop, if time is left
 # Into $OUT (the device tool's folder that comes back, at most 8 files), or
 # benchmarks/results when OUT is unset: each run's <config>-<run>.jsonl, all
@@ -53,7 +56,7 @@ bench() {  # bench NAME CONFIG ARGS...: one run under the time that is left
 QUICK=(--repeats 5 --skip tokens many loop)
 bench "$SMALL-a" "$SMALL" --repeats 5 --skip loop
 bench "$LARGE-a" "$LARGE" "${QUICK[@]}" --variants toolbox toolbox-merged peft hooks nnsight-base base
-bench "$SMALL-b" "$SMALL" "${QUICK[@]}" --variants toolbox toolbox-merged peft hooks base
+bench "$SMALL-b" "$SMALL" "${QUICK[@]}" --variants toolbox toolbox-merged peft-in-nnsight peft hooks base
 bench "$LARGE-b" "$LARGE" "${QUICK[@]}" --variants toolbox toolbox-merged peft hooks base
 bench "$SMALL-loop" "$SMALL" --repeats 3 --skip tokens many --variants toolbox peft
 [ -e "$OUT/summary.md" ] && cat "$OUT/summary.md"
