@@ -324,3 +324,14 @@ def test_a_copy_of_a_tied_module_is_refused_at_merge_and_changes_nothing(gpt2):
     assert torch.equal(gpt2.lm_head.weight, before) and not head.merged
     with pytest.raises(ValueError, match="alpha=1 only"):
         ModuleCopy(gpt2.transformer.ln_f).merge(alpha=0.5)
+
+
+def test_dora_on_builds_dora_adapters_on_every_match(model_paths):
+    from conftest import load
+
+    from nnsight_toolbox import DoRA
+
+    model = load(model_paths["gpt2"])
+    adapters = DoRA.on(model, ["c_fc"], r=4)
+    assert list(adapters) == ["model.transformer.h.0.mlp.c_fc", "model.transformer.h.1.mlp.c_fc"]
+    assert all(type(a) is DoRA and a.magnitude.shape == (a.output_dim,) for a in adapters.values())

@@ -138,13 +138,7 @@ class LoraSet(Optimization, Mapping):
             >>> list(adapters)
             ['model.transformer.h.0.attn.c_attn', 'model.transformer.h.0.mlp.c_fc']
         """
-        paths = match_targets(model, targets, layers)
-        envoys = [envoy_at(model, path) for path in paths]
-        dims = infer_many_dims(envoys)  # widths: from weights, or one scan for all
-        return cls(
-            LORA(envoy, r, dropout=dropout, dtype=dtype, input_dim=dims[envoy.path].input_dim, output_dim=dims[envoy.path].output_dim)
-            for envoy in envoys
-        )
+        return cls(adapters_on(LORA, model, targets, r=r, layers=layers, dropout=dropout, dtype=dtype))
 
     # -- applying ------------------------------------------------------------
 
@@ -355,6 +349,19 @@ class LoraSet(Optimization, Mapping):
 # ---------------------------------------------------------------------------
 # Checks and registration
 # ---------------------------------------------------------------------------
+
+
+def adapters_on(
+    kind: type[LORA], model: Envoy, targets: Targets, *, r: int, layers: Layers, dropout: float, dtype: torch.dtype
+) -> list[LORA]:
+    """One ``kind`` (`LORA` or a subclass such as `DoRA`) on every module ``targets`` picks, widths measured at once."""
+    paths = match_targets(model, targets, layers)
+    envoys = [envoy_at(model, path) for path in paths]
+    dims = infer_many_dims(envoys)  # widths: from weights, or one scan for all
+    return [
+        kind(envoy, r, dropout=dropout, dtype=dtype, input_dim=dims[envoy.path].input_dim, output_dim=dims[envoy.path].output_dim)
+        for envoy in envoys
+    ]
 
 
 def _check_adapters(adapters: Any) -> list[LORA]:

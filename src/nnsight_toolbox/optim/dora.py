@@ -27,9 +27,6 @@ from .lora import LORA
 if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
 
-    from .adapter_set import LoraSet
-    from .targets import Layers, Targets
-
 __all__ = ["DoRA"]
 
 
@@ -55,6 +52,8 @@ class DoRA(LORA):
         r: The rank.
         dropout: Dropout on the input, in training mode.
         dtype: The adapter's dtype, float32 by default as in PEFT.
+        input_dim: The input width; read from the layer's weight when not given.
+        output_dim: The output width, likewise.
 
     Attributes:
         magnitude: ``torch.nn.Parameter`` of shape ``(output_dim,)``, PEFT's
@@ -89,6 +88,8 @@ class DoRA(LORA):
         *old_positional: Any,
         dropout: float = 0.0,
         dtype: torch.dtype = torch.float32,
+        input_dim: int | None = None,
+        output_dim: int | None = None,
     ) -> None:
         """A DoRA adapter of rank ``r`` on a Linear or Conv1D ``module``; see the class."""
         from ..artifacts.layers import describe_module, layer_kind
@@ -102,37 +103,10 @@ class DoRA(LORA):
                 f"rescales, but got {describe_module(module)}. Use `LORA` on this module, or "
                 f"`DoRA` on one of its Linear layers."
             )
-        LORA.__init__(self, module, r, *old_positional, dropout=dropout, dtype=dtype)
+        LORA.__init__(self, module, r, *old_positional, dropout=dropout, dtype=dtype, input_dim=input_dim, output_dim=output_dim)
         self._kind = kind
         self.magnitude = torch.nn.Parameter(torch.empty(self.output_dim, device=self.WA.device, dtype=dtype))
         self._reset_magnitude()
-
-    @classmethod
-    def on(
-        cls,
-        model: Envoy,
-        targets: Targets,
-        *,
-        r: int,
-        layers: Layers = None,
-        dropout: float = 0.0,
-        dtype: torch.dtype = torch.float32,
-    ) -> LoraSet:
-        """One `DoRA` on every module of ``model`` that ``targets`` picks (PEFT's rule), as a `LoraSet`.
-
-        Every module picked must be an ``nn.Linear`` or GPT-2 ``Conv1D``. See `LORA.on`.
-
-        Examples:
-            >>> adapters = DoRA.on(model, ["c_fc"], r=4)   # every layer's c_fc
-            >>> sorted({type(a).__name__ for a in adapters.values()})
-            ['DoRA']
-        """
-        from .adapter_set import LoraSet
-        from .paths import envoy_at
-        from .targets import match_targets
-
-        paths = match_targets(model, targets, layers)
-        return LoraSet(cls(envoy_at(model, path), r, dropout=dropout, dtype=dtype) for path in paths)
 
     def reset_parameters(self) -> None:
         """Re-initialise ``WA``, ``WB`` as `LORA` does and ``magnitude`` to ``||W||_row`` (PEFT's init).

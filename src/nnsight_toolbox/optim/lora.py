@@ -240,11 +240,12 @@ class LORA(Optimization):
         dropout: float = 0.0,
         dtype: torch.dtype = torch.float32,
     ) -> LoraSet:
-        """One adapter on every module of ``model`` that ``targets`` picks, as one `LoraSet`.
+        """One adapter of this class on every module of ``model`` that ``targets`` picks, as one `LoraSet`.
 
         PEFT's matching rule: a string is a regex that must match the whole
         module path; a list matches a path equal to an entry or ending in ``"."``
         plus it. ``layers=`` keeps only those layer indices. See `LoraSet.on`.
+        ``DoRA.on(...)`` builds `DoRA` adapters the same way.
 
         Examples:
             >>> adapters = LORA.on(model, ["c_attn", "c_fc"], r=16)  # every layer's c_attn and c_fc
@@ -252,9 +253,9 @@ class LORA(Optimization):
             >>> with model.trace("Hello"):
             ...     adapters()
         """
-        from .adapter_set import LoraSet  # it builds on this class
+        from .adapter_set import LoraSet, adapters_on  # they build on this class
 
-        return LoraSet.on(model, targets, r=r, layers=layers, dropout=dropout, dtype=dtype)
+        return LoraSet(adapters_on(cls, model, targets, r=r, layers=layers, dropout=dropout, dtype=dtype))
 
     @property
     def path(self) -> str:
