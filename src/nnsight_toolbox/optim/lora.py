@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from .activation import Steps, activate, check_alpha, normalize_steps
+from .activation import Steps
 from .positions import Positions, normalize_positions
 from .dims import ModuleDims, infer_dims
-from .optimization import Optimization
+from .optimization import Optimization, _module_device
 
 if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
@@ -346,11 +346,7 @@ class LORA(Optimization):
                 f"row of every run; `lora()` would add it a second time. Drop the call, or "
                 f"call `lora.unmerge()` first to apply it per invoke again."
             )
-        alpha = check_alpha(alpha)
-        steps = normalize_steps(steps)
-        chosen = normalize_positions(positions)
-        self._follow_module_device()
-        activate(self, self.module, alpha, steps, "lora()", chosen)
+        self._activate(alpha, steps, normalize_positions(positions), "lora()")
 
     def delta(self, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         """``alpha * (dropout(x) @ WA @ WB + bias)`` in the adapter's dtype: the term ``lora()`` adds.
@@ -579,13 +575,6 @@ class LORA(Optimization):
             f"r={self.r}, dropout={self.dropout}, dtype={self.WA.dtype}" + (", bias=True" if self._has_bias else "")
         )
 
-    def _follow_module_device(self) -> None:
-        """Move the parameters (in place, keeping them the same objects) to the
-        module's device, once the model has real weights there."""
-        device = _module_device(self.module)
-        if device is not None and device.type != "meta" and device != self.WA.device:
-            self.to(device)
-
 
 def _check_envoy(module: Any) -> None:
     from nnsight.intervention.envoy import Envoy
@@ -659,14 +648,3 @@ def _home_device(module: Envoy) -> torch.device:
     if device is None or device.type == "meta":
         return torch.device("cpu")
     return device
-
-
-def _module_device(module: Envoy) -> torch.device | None:
-    """The device of the module's parameters, or of the model's for a module with none."""
-    # A layer's own weight first: this runs on every `lora()` call, and walking
-    # `parameters()` of a whole block costs more than the rest of the call.
-    own = next((p for p in module._module._parameters.values() if p is not None), None)
-    if own is not None:
-        return own.device
-    device = module.device
-    return device if device is not None else module.root.device

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .activation import Steps, activate, check_alpha, normalize_steps
+from .activation import Steps, check_alpha
 from .dims import first_tensor
-from .lora import _check_envoy, _module_device  # at module level: a server rebuilds functions without their package
+from .lora import _check_envoy  # at module level: a server rebuilds functions without their package
 from .optimization import Optimization
 from .positions import Positions, normalize_positions
 
@@ -149,11 +149,7 @@ class ModuleCopy(Optimization):
                 f"already computes it for every row of every run. Drop the call, or call "
                 f"`unmerge()` first to apply it per invoke again."
             )
-        alpha = check_alpha(alpha)
-        steps = normalize_steps(steps)
-        chosen = normalize_positions(positions)
-        self._follow_module_device()
-        activate(self, self.module, alpha, steps, "ModuleCopy()", chosen)
+        self._activate(alpha, steps, normalize_positions(positions), "ModuleCopy()")
 
     def intervene(self, output: torch.Tensor, x: Any, alpha: float = 1.0) -> torch.Tensor:
         """The copy's output from the module's first input ``x``, blended with ``output`` by ``alpha``.
@@ -176,12 +172,6 @@ class ModuleCopy(Optimization):
             )
         new = new.to(output.dtype)
         return new if alpha == 1.0 else output + alpha * (new - output)
-
-    def _follow_module_device(self) -> None:
-        device = _module_device(self.module)
-        first = next(iter(self.copy.parameters()), None)
-        if device is not None and device.type != "meta" and first is not None and first.device != device:
-            self.copy.to(device)
 
     # -- merging: the copy's tensors replace the module's -----------------------
 

@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from .activation import Steps, activate, check_alpha, normalize_steps
+from .activation import Steps
 from .dims import infer_dims
 from .lora import _home_device as lora_home_device
-from .lora import _module_device  # at module level: a server rebuilds functions without their package
 from .optimization import Optimization
 from .positions import PositionSpec, Positions, normalize_positions
 
@@ -148,11 +147,7 @@ class ModuleIntervention(Optimization):
             ...     steer(alpha=4.0, positions=slice(-1, None))
             ...     ids = tracer.result.save()
         """
-        alpha = check_alpha(alpha)
-        steps = normalize_steps(steps)
-        chosen = self._positions(positions)
-        self._follow_module_device()
-        activate(self, self.module, alpha, steps, f"{type(self).__name__.lower()}()", chosen)
+        self._activate(alpha, steps, self._positions(positions), f"{type(self).__name__.lower()}()")
 
     def _positions(self, positions: Positions) -> PositionSpec | None:
         """The `PositionSpec` the machinery acts on; `SoftPrompt` chooses its own default."""
@@ -171,13 +166,6 @@ class ModuleIntervention(Optimization):
                 f"{self.output_dim}, but the module returned shape {tuple(output.shape)}. Was it "
                 f"built for another module? Build a new one on this module."
             )
-
-    def _follow_module_device(self) -> None:
-        """Move the parameters (in place) to the module's device once the model has real weights there."""
-        device = _module_device(self.module)
-        first = next(iter(self.parameters()), None)
-        if device is not None and device.type != "meta" and first is not None and device != first.device:
-            self.to(device)
 
     # -- artifacts: the work lives in `nnsight_toolbox.artifacts.native_intervention` --
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..remote import _pickled_for_nnsight_server, check_shippable
+from .activation import activate_many, check_alpha, normalize_steps
 
 
 class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
@@ -96,6 +97,26 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
             f"activation machinery cannot apply it. Implement it, or apply the intervention in "
             f"`forward` with nnsight's own `module.output = ...`."
         )
+
+    def _activate(self, alpha: float, steps: Any, positions: Any, what: str) -> None:
+        """What every intervention's `forward` ends with: check the options, follow the
+        module to its device, and switch on for the running invoke.
+
+        ``positions`` is already a `PositionSpec` (or ``None``): each class chooses its default.
+        """
+        alpha = check_alpha(alpha)
+        steps = normalize_steps(steps)
+        self._follow_module_device()
+        # stacklevel 6 names the user's line: activate_many, this, forward, torch's two call frames
+        activate_many([(self, self.module)], alpha, steps, what, positions=positions, stacklevel=6)
+
+    def _follow_module_device(self) -> None:
+        """Move the parameters (in place, keeping them the same objects) to the module's
+        device, once the model has real weights there (it may start on the meta device)."""
+        device = _module_device(self.module)
+        first = next(torch.nn.Module.parameters(self), None)
+        if device is not None and device.type != "meta" and first is not None and device != first.device:
+            self.to(device)
 
     def parameters(self, recurse: bool = True) -> list[torch.nn.Parameter]:  # type: ignore[override]
         """The trainable tensors, as a list ready for a torch optimizer.
@@ -195,3 +216,14 @@ def _is_envoy(value: Any) -> bool:
     from nnsight.intervention.envoy import Envoy
 
     return isinstance(value, Envoy)
+
+
+def _module_device(module: Any) -> torch.device | None:
+    """The device of an Envoy's module's parameters, or of the model's for a module with none."""
+    # A layer's own weight first: this runs on every call of an intervention, and walking
+    # `parameters()` of a whole block costs more than the rest of the call.
+    own = next((p for p in module._module._parameters.values() if p is not None), None)
+    if own is not None:
+        return own.device
+    device = module.device
+    return device if device is not None else module.root.device
