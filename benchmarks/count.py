@@ -141,17 +141,23 @@ def read_dumps(prefix: Path) -> dict[str, int]:
     return counts
 
 
-def count_variant(config: str, variant: str, new_tokens: int, work: Path) -> tuple[str, dict[str, int], str]:
-    """Run one variant's counted process; its counts (and ``adapters``, the adapter count), and its output should it fail."""
-    prefix = work / f"{variant}.callgrind"
+def run_under_callgrind(prefix: Path, script: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run ``script args`` under callgrind, counting only inside `sys.call_tracing`, dumps at ``prefix.N``."""
     command = [
         "valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
         "--toggle-collect=sys_call_tracing", f"--callgrind-out-file={prefix}",
-        sys.executable, str(Path(__file__).resolve()),
-        "--config", config, "--worker", variant, "--new-tokens", str(new_tokens), "--dumps", str(prefix),
+        sys.executable, str(script), *args,
     ]
     env = dict(os.environ, PYTHONHASHSEED="0", TQDM_DISABLE="1")
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    return subprocess.run(command, capture_output=True, text=True, env=env)
+
+
+def count_variant(config: str, variant: str, new_tokens: int, work: Path) -> tuple[str, dict[str, int], str]:
+    """Run one variant's counted process; its counts (and ``adapters``, the adapter count), and its output should it fail."""
+    prefix = work / f"{variant}.callgrind"
+    done = run_under_callgrind(
+        prefix, Path(__file__).resolve(), "--config", config, "--worker", variant, "--new-tokens", str(new_tokens), "--dumps", str(prefix)
+    )
     counts = read_dumps(prefix)
     if prefix.with_suffix(".json").exists():
         counts["adapters"] = json.loads(prefix.with_suffix(".json").read_text())["adapters"]

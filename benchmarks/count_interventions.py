@@ -30,9 +30,7 @@ import argparse
 import contextlib
 import datetime
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -280,19 +278,14 @@ def main(argv: list[str] | None = None) -> Path | None:
     missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
     if missing:
         raise SystemExit(f"{' and '.join(missing)} not found: counting needs valgrind (`apt-get install valgrind`).")
-    from count import read_dumps
+    from count import read_dumps, run_under_callgrind
     from report import write_jsonl
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or HERE / "results" / f"count-interventions-{stamp}.jsonl"
     with tempfile.TemporaryDirectory() as work:
         prefix = Path(work) / "interventions.callgrind"
-        command = [
-            "valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
-            "--toggle-collect=sys_call_tracing", f"--callgrind-out-file={prefix}",
-            sys.executable, str(Path(__file__).resolve()), "--worker", str(prefix), "--new-tokens", str(args.new_tokens),
-        ]
-        done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED="0", TQDM_DISABLE="1"))
+        done = run_under_callgrind(prefix, Path(__file__).resolve(), "--worker", str(prefix), "--new-tokens", str(args.new_tokens))
         counts = read_dumps(prefix)
         if done.returncode != 0 or not counts:
             raise SystemExit(f"Counting failed:\n{(done.stdout + done.stderr)[-4000:]}")
