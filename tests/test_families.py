@@ -285,11 +285,18 @@ def test_building_a_block_adapter_inside_a_trace_says_to_build_it_before(family_
 
 def test_a_layer_adapter_can_still_be_built_inside_a_trace(family_paths):
     model = load(family_paths, "opt")
+    built = []
     with model.trace("Hello"):
         lora = LORA(model.model.decoder.layers[0].fc1, r=4)
+        built.append(lora)
+        with torch.no_grad():
+            lora.WB.fill_(0.5)  # a fresh adapter changes nothing: make this one act
         lora()
         logits = model.output.logits.save()
-    assert logits.shape[-1] == families.VOCAB
+    with model.trace("Hello"):
+        base = model.output.logits.save()
+    assert (built[0].input_dim, built[0].output_dim) == (32, 96)
+    assert not torch.allclose(logits, base, atol=1e-3), "the adapter built inside the trace must act in it"
 
 
 # -- an open loop that never waits -----------------------------------------------------
