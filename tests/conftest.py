@@ -123,6 +123,15 @@ def hf_generate(model: LanguageModel, prompt, max_new_tokens: int) -> torch.Tens
     return model._module.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=model.tokenizer.eos_token_id)
 
 
+def assert_row_generated(row: torch.Tensor, alone: torch.Tensor, model: LanguageModel) -> None:
+    """A row of a batched generation is what its prompt generates alone: the same tokens,
+    then only padding where the lone run stopped at its end-of-sequence token."""
+    alone = alone.flatten()
+    assert torch.equal(row[: alone.numel()], alone), (row.tolist(), alone.tolist())
+    padding = {model.tokenizer.pad_token_id, model.tokenizer.eos_token_id} - {None}
+    assert all(token in padding for token in row[alone.numel() :].tolist()), (row.tolist(), alone.tolist())
+
+
 def randomized(adapters, scale: float = 0.5):
     """Randomize every adapter of a `LoraSet` (a different seed each); returns the set."""
     for seed, lora in enumerate(adapters.values()):

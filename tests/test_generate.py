@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TARGETS, envoy_at, hf_generate, randomize, reference_hook
+from conftest import TARGETS, assert_row_generated, envoy_at, hf_generate, randomize, reference_hook
 
 from nnsight_toolbox import LORA
 
@@ -41,8 +41,8 @@ def test_only_the_invoke_that_called_it_is_adapted(model, family):
             pass
         with tracer.invoke():
             ids = tracer.result.save()
-    assert torch.equal(ids[0], reference(model, family, lora, prompts[0])[0])
-    assert torch.equal(ids[1], hf_generate(model, prompts[1], NEW)[0])
+    assert_row_generated(ids[0], reference(model, family, lora, prompts[0])[0], model)
+    assert_row_generated(ids[1], hf_generate(model, prompts[1], NEW)[0], model)
 
 
 def test_each_invoke_can_carry_its_own_adapter(model, family):
@@ -55,8 +55,8 @@ def test_each_invoke_can_carry_its_own_adapter(model, family):
             second(alpha=0.5)
         with tracer.invoke():
             ids = tracer.result.save()
-    assert torch.equal(ids[0], reference(model, family, first, prompts[0])[0])
-    assert torch.equal(ids[1], reference(model, family, second, prompts[1], alpha=0.5)[0])
+    assert_row_generated(ids[0], reference(model, family, first, prompts[0])[0], model)
+    assert_row_generated(ids[1], reference(model, family, second, prompts[1], alpha=0.5)[0], model)
 
 
 def test_an_empty_invoke_adapts_the_whole_batch(gpt2):
@@ -71,7 +71,7 @@ def test_an_empty_invoke_adapts_the_whole_batch(gpt2):
             lora()
             ids = tracer.result.save()
     for row, prompt in enumerate(prompts):
-        assert torch.equal(ids[row], reference(gpt2, "gpt2", lora, prompt)[0])
+        assert_row_generated(ids[row], reference(gpt2, "gpt2", lora, prompt)[0], gpt2)
 
 
 def test_one_adapter_twice_on_the_same_rows_is_refused(gpt2):
