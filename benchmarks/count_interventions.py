@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--new-tokens", type=int, default=8, help="tokens each counted generate produces (default 8)")
     parser.add_argument("--check", action="store_true", help="only check that every variant generates what its hook does")
+    parser.add_argument("--repeats", type=int, default=3, help="count each call this many times and keep the median (default 3)")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="the interventions to count (default: all)")
     parser.add_argument("--out", type=Path, help="JSON lines file (default: benchmarks/results/count-interventions-<time>.jsonl)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # the dump prefix, under callgrind
     return parser.parse_args(argv)
@@ -149,7 +151,7 @@ def hooked(hooks):
 # ---------------------------------------------------------------------------
 
 
-def calls_to_count(new_tokens: int):
+def calls_to_count(new_tokens: int, kinds: list[str] = KINDS):
     """``{name: (callable, context)}`` for every counted generation, each checked against its hook first."""
     import torch
 
@@ -179,7 +181,7 @@ def calls_to_count(new_tokens: int):
 
     calls = {"nnsight-base": (nnsight_generate, contextlib.nullcontext, 0), "base": (raw_generate, contextlib.nullcontext, 0)}
     base_ids = raw_generate()
-    for kind in KINDS:
+    for kind in kinds:
         switch_on, hooks, per_pass, positions = build(kind, model, generator)
         with hooked(hooks):
             expected = raw_generate()
@@ -195,12 +197,12 @@ def calls_to_count(new_tokens: int):
     return calls
 
 
-def count_in_worker(prefix: Path, new_tokens: int) -> None:
+def count_in_worker(prefix: Path, new_tokens: int, kinds: list[str], repeats: int) -> None:
     import gc
 
     from count import callgrind_control
 
-    calls = calls_to_count(new_tokens)
+    calls = calls_to_count(new_tokens, kinds)
     prefix.with_suffix(".json").write_text(json.dumps({name: per_pass for name, (_, _, per_pass) in calls.items()}))
     for call, context, _ in calls.values():  # uninstrumented warm-up
         with context():
@@ -209,16 +211,36 @@ def count_in_worker(prefix: Path, new_tokens: int) -> None:
     gc.freeze()
     gc.disable()
     callgrind_control("-i", "on")
-    for name, (call, context, _) in calls.items():
-        with context():
-            call()  # once instrumented, so that translating the code is not counted
-            sys.call_tracing(call, ())
-        callgrind_control(f"--dump={name}")
+    for repeat in range(repeats):  # rounds over every call: each call's median is kept (see `median_counts`)
+        for name, (call, context, _) in calls.items():
+            with context():
+                if repeat == 0:
+                    call()  # once instrumented, so that translating the code is not counted
+                sys.call_tracing(call, ())
+            callgrind_control(f"--dump={name}@{repeat}")
 
 
 # ---------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------
+
+
+def median_counts(dumps: dict[str, int]) -> dict[str, int]:
+    """``{call: instructions}``, the median of each call's rounds (dumps named ``call@round``).
+
+    The same generation counted in two rounds of one process differs by up to
+    about 800k instructions (the allocator's and the interpreter's state drift
+    between rounds), which at 8 tokens is several thousand per intervention call.
+    The median of a few interleaved rounds is each call's cost with the least of that noise.
+
+    Examples:
+        >>> median_counts({"hook@0": 120, "hook@1": 100, "hook@2": 101, "base@0": 90})
+        {'hook': 101, 'base': 90}
+    """
+    rounds: dict[str, list[int]] = {}
+    for dump, instructions in dumps.items():
+        rounds.setdefault(dump.rsplit("@", 1)[0], []).append(instructions)
+    return {name: sorted(counts)[len(counts) // 2] for name, counts in rounds.items()}
 
 
 def records_of(counts: dict[str, int], per_pass: dict[str, int], new_tokens: int) -> list[dict]:
@@ -269,10 +291,10 @@ def markdown(meta: dict, records: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> Path | None:
     args = parse_args(argv)
     if args.worker:
-        count_in_worker(args.worker, args.new_tokens)
+        count_in_worker(args.worker, args.new_tokens, args.kinds, args.repeats)
         return None
     if args.check:
-        calls = calls_to_count(args.new_tokens)
+        calls = calls_to_count(args.new_tokens, args.kinds)
         print(f"every variant generates what its hook does ({len(calls) - 2} counted calls would follow)")
         return None
     missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
@@ -285,8 +307,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     out = args.out or HERE / "results" / f"count-interventions-{stamp}.jsonl"
     with tempfile.TemporaryDirectory() as work:
         prefix = Path(work) / "interventions.callgrind"
-        done = run_under_callgrind(prefix, Path(__file__).resolve(), "--worker", str(prefix), "--new-tokens", str(args.new_tokens))
-        counts = read_dumps(prefix)
+        done = run_under_callgrind(prefix, Path(__file__).resolve(), "--worker", str(prefix), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--kinds", *args.kinds)
+        counts = median_counts(read_dumps(prefix))
         if done.returncode != 0 or not counts:
             raise SystemExit(f"Counting failed:\n{(done.stdout + done.stderr)[-4000:]}")
         per_pass = json.loads(prefix.with_suffix(".json").read_text())

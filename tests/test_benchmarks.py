@@ -224,3 +224,11 @@ def test_count_interventions_costs_each_call_over_its_own_base():
     records = count_interventions.records_of(counts, per_pass, new_tokens=4)
     ratio = next(r for r in records if r["measure"] == "ratio_to_hook")
     assert ratio == dict(measure="ratio_to_hook", kind="lora", toolbox=1.04, toolbox_positions=1.2, positions_extra_per_call=8, within_bar=True)
+
+
+def test_count_interventions_keeps_the_median_round_of_each_call():
+    sys.path.insert(0, str(BENCHMARKS))
+    import count_interventions
+
+    dumps = {"base@0": 90, "base@1": 95, "base@2": 91, "lora:hook@0": 200, "lora:hook@1": 150, "lora:hook@2": 160}
+    assert count_interventions.median_counts(dumps) == {"base": 91, "lora:hook": 160}
