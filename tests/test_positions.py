@@ -133,3 +133,28 @@ def test_a_position_a_row_lacks_is_an_error_naming_the_rows(gpt2):
         trace(gpt2, lora, PROMPTS, [0, 5])
     with pytest.raises(ValueError, match=r"row\(s\) \[1\]"):
         trace(gpt2, lora, PROMPTS, -3)
+
+
+@pytest.mark.parametrize("spec", [*SPECS, slice(2, None, 3), slice(None, 4), [-1, 3], 7, slice(-3, -1)])
+def test_a_generation_step_picks_the_tokens_the_mask_picks_without_tensor_operations(spec):
+    """`generated_mask` (plain Python, generated columns) against `position_mask` (torch, any column)."""
+    from nnsight_toolbox.optim.positions import generated_mask, normalize_positions, position_mask
+
+    generator = torch.Generator().manual_seed(0)
+    chosen = normalize_positions(spec)
+    for _ in range(20):
+        rows, width = int(torch.randint(1, 5, (1,), generator=generator)), int(torch.randint(2, 9, (1,), generator=generator))
+        mask = (torch.rand(rows, width, generator=generator) < 0.7).long()
+        mask[:, -1] = 1  # every row has a real last prompt token, as a left-padded batch does
+        lengths = mask.sum(1).tolist()
+        for start in range(width, width + 6):
+            for step_width in (1, 2):
+                picked = generated_mask(chosen, lengths, width, start, step_width)
+                try:
+                    expected = position_mask(chosen, mask, start, step_width, True, "m").tolist()
+                except ValueError:
+                    assert picked is None, (spec, mask.tolist(), start)  # the torch path raises the error naming the rows
+                    continue
+                assert picked == expected, (spec, mask.tolist(), start)
+    assert generated_mask(chosen, [3], 4, 2, 2) is None  # prompt columns are the torch path's
+

@@ -47,7 +47,7 @@ from nnsight.intervention.source import NO_SKIP, Controller, _as_fragment, run_b
 from nnsight.intervention.util import first_input
 
 from .dims import first_tensor
-from .positions import PositionSpec, column_positions, position_mask
+from .positions import PositionSpec, column_positions, generated_mask, position_mask
 from .rows import NOTE, layout_error, note_lengths, pass_lengths, row_span
 
 if TYPE_CHECKING:
@@ -246,16 +246,30 @@ def add_deltas(
     cloned = False
     spans = None  # (output, input) dim-0 entries per batch row; see `rows.row_span`
     for activation in live:
-        adapter, alpha = activation.adapter, activation.alpha
+        adapter, alpha, spec = activation.adapter, activation.alpha, activation.positions
         rows = activation.mediator().batch_group if batching else None  # [start, size], None: all
-        if rows is None and activation.positions is None:
+        if rows is None and spec is None:
             adapted = adapter.intervene(adapted, x, alpha)
             cloned = False  # a fresh tensor now, which a formula's backward may keep: clone before writing rows into it
             continue
+        start, size = rows if rows is not None else (0, batcher.total)
+        chosen = True if spec is None else _chosen_tokens(spec, start, size, target.device, batcher, controller)
+        if chosen is False:
+            continue  # none of this pass's tokens (a generation step before or after the chosen ones)
+        if rows is None and chosen is True and not getattr(adapter, "reads_positions", False):  # every token of every row
+            adapted = adapter.intervene(adapted, x, alpha)
+            cloned = False
+            continue
         if spans is None:
             spans = _row_spans(target, x, batcher, controller)
-        start, size = rows if rows is not None else (0, batcher.total)
         out_span, in_span = spans
+        if chosen is not True:
+            chosen = chosen.reshape(_mask_shape(target, spec, size, out_span, batcher, controller))
+        if rows is None:  # the whole batch: no rows to copy out and back in
+            changed = _intervene(adapter, adapted, x, alpha, spec, start, size, out_span, batcher, controller)
+            adapted = changed if chosen is True else torch.where(chosen, changed, adapted)
+            cloned = False
+            continue
         if not cloned:  # in-place row updates on a fresh tensor keep autograd exact
             adapted, cloned = adapted.clone(), True
         rows_out = adapted.narrow(0, start * out_span, size * out_span)
@@ -264,15 +278,21 @@ def add_deltas(
             # A formula whose backward keeps `output` (LoReFT's `R h`) must not see the view
             # that `copy_` below overwrites: autograd would refuse the changed tensor.
             rows_out = rows_out.clone()
-        if getattr(adapter, "reads_positions", False):  # e.g. `SoftPrompt`: which vector goes where
-            columns = _pass_positions(rows_out, activation.positions, start, size, out_span, batcher, controller)
-            changed = adapter.intervene(rows_out, rows_x, alpha, positions=columns, spec=activation.positions)
-        else:
-            changed = adapter.intervene(rows_out, rows_x, alpha)
-        if activation.positions is not None:
-            changed = _at_positions(changed, rows_out, activation.positions, start, size, out_span, batcher, controller)
+        changed = _intervene(adapter, rows_out, rows_x, alpha, spec, start, size, out_span, batcher, controller)
+        if chosen is not True:
+            changed = torch.where(chosen, changed, rows_out)
         adapted.narrow(0, start * out_span, size * out_span).copy_(changed)
     return adapted if output is target else replace_first_tensor(output, adapted)
+
+
+def _intervene(
+    adapter: Any, output: torch.Tensor, x: Any, alpha: float, spec: PositionSpec | None, start: int, size: int, span: int, batcher: Any, controller: AdapterController
+) -> torch.Tensor:
+    """``adapter.intervene`` on rows ``[start, start + size)``, told each token's position if it asks (`SoftPrompt`)."""
+    if spec is not None and getattr(adapter, "reads_positions", False):  # which vector goes where
+        columns = _pass_positions(output, spec, start, size, span, batcher, controller)
+        return adapter.intervene(output, x, alpha, positions=columns, spec=spec)
+    return adapter.intervene(output, x, alpha)
 
 
 def _row_spans(output: torch.Tensor, x: Any, batcher: Any, controller: AdapterController) -> tuple[int, int]:
@@ -286,29 +306,14 @@ def _row_spans(output: torch.Tensor, x: Any, batcher: Any, controller: AdapterCo
     return out_span, in_span
 
 
-def _at_positions(
-    changed: torch.Tensor,
-    original: torch.Tensor,
-    spec: PositionSpec,
-    start: int,
-    size: int,
-    span: int,
-    batcher: Any,
-    controller: AdapterController,
-) -> torch.Tensor:
-    """``changed`` at the chosen positions of rows ``[start, start + size)``, ``original`` elsewhere."""
-    notes, pass_start, width, shape = _token_axis(original, spec, size, span, batcher, controller)
-    masks = notes.setdefault("masks", {})
-    key = (pass_start, width, start, size, spec.key())
-    mask = masks.get(key)
-    if mask is None:
-        mask = position_mask(spec, notes["prompt_mask"][start : start + size], pass_start, width, notes.get("generating", False), controller.path)
-        mask = masks[key] = mask.to(original.device)
-    return torch.where(mask.reshape(shape), changed, original)
+def _chosen_tokens(spec: PositionSpec, start: int, size: int, device: torch.device, batcher: Any, controller: AdapterController) -> bool | torch.Tensor:
+    """Which tokens of rows ``[start, start + size)`` of this pass ``spec`` picks: all (``True``), none (``False``), or a ``(size, width)`` mask.
 
-
-def _token_axis(original: torch.Tensor, spec: PositionSpec, size: int, span: int, batcher: Any, controller: AdapterController) -> tuple:
-    """The run's notes, this pass's columns ``(start, width)`` and the shape a ``(size, width)`` mask takes on ``original``."""
+    Worked out once per pass, rows and ``positions=``, and shared by every
+    module of the pass. A pass where it picks every token or none (each
+    generation step, for most choices) then costs the adapted modules no index
+    operation at all, and no more Python than a few dictionary reads.
+    """
     notes = batcher.__dict__.get(NOTE) or {}
     if "pass" not in notes:
         raise ValueError(
@@ -317,26 +322,62 @@ def _token_axis(original: torch.Tensor, spec: PositionSpec, size: int, span: int
             f"Drop `positions=` to act on every token."
         )
     pass_start, width = notes["pass"]
+    masks = notes.setdefault("masks", {})
+    key = (pass_start, width, start, size, spec.ints, spec.start, spec.stop, spec.step)
+    chosen = masks.get(key)
+    if chosen is None:
+        chosen = masks[key] = _pass_mask(spec, notes, pass_start, width, start, size, device, controller.path)
+    return chosen
+
+
+def _pass_mask(spec: PositionSpec, notes: dict, pass_start: int, width: int, start: int, size: int, device: torch.device, path: str) -> bool | torch.Tensor:
+    """`_chosen_tokens`' answer, worked out: plain Python for generated columns, `position_mask` otherwise."""
+    prompt_mask, generating = notes["prompt_mask"], notes.get("generating", False)
+    if generating and pass_start >= prompt_mask.shape[1]:
+        lengths = notes.get("prompt_lengths")
+        if lengths is None:
+            lengths = notes["prompt_lengths"] = prompt_mask.to(torch.long).sum(1).tolist()
+        picked = generated_mask(spec, lengths[start : start + size], prompt_mask.shape[1], pass_start, width)
+        if picked is not None:
+            flat = [token for row in picked for token in row]
+            return True if all(flat) else False if not any(flat) else torch.tensor(picked, device=device)
+    columns = _pass_columns(notes, pass_start, width, start, size)
+    mask = position_mask(spec, prompt_mask[start : start + size], pass_start, width, generating, path, position=columns)
+    return True if bool(mask.all()) else False if not bool(mask.any()) else mask.to(device)
+
+
+def _pass_columns(notes: dict, pass_start: int, width: int, start: int, size: int) -> torch.Tensor:
+    """`column_positions` of rows ``[start, start + size)`` for this pass, worked out once per pass (on the CPU)."""
+    cached = notes.setdefault("columns", {})
+    key = (pass_start, width, start, size)
+    columns = cached.get(key)
+    if columns is None:
+        columns = cached[key] = column_positions(notes["prompt_mask"][start : start + size], pass_start, width)
+    return columns
+
+
+def _mask_shape(original: torch.Tensor, spec: PositionSpec, size: int, span: int, batcher: Any, controller: AdapterController) -> tuple[int, ...]:
+    """The shape a ``(size, width)`` mask of this pass takes to broadcast over ``original``'s rows, or a clear refusal."""
+    width = batcher.__dict__[NOTE]["pass"][1]
     if span == 1 and original.dim() >= 3 and original.shape[1] == width:
-        shape = (size, width) + (1,) * (original.dim() - 2)  # batch-first (rows, t, ...)
-    elif span == width:
-        shape = (size * width,) + (1,) * (original.dim() - 1)  # flattened (rows * t, ...)
-    else:
-        raise ValueError(
-            f"`positions={spec.text}` on `{controller.path}`: its output {tuple(original.shape)} has "
-            f"no token axis of this pass's {width} tokens to choose from. Put the intervention on "
-            f"a module whose output is (batch, tokens, ...), or drop `positions=`."
-        )
-    return notes, pass_start, width, shape
+        return (size, width) + (1,) * (original.dim() - 2)  # batch-first (rows, t, ...)
+    if span == width:
+        return (size * width,) + (1,) * (original.dim() - 1)  # flattened (rows * t, ...)
+    raise ValueError(
+        f"`positions={spec.text}` on `{controller.path}`: its output {tuple(original.shape)} has "
+        f"no token axis of this pass's {width} tokens to choose from. Put the intervention on "
+        f"a module whose output is (batch, tokens, ...), or drop `positions=`."
+    )
 
 
 def _pass_positions(
     original: torch.Tensor, spec: PositionSpec, start: int, size: int, span: int, batcher: Any, controller: AdapterController
 ) -> torch.Tensor:
     """Each token's position among its row's real tokens (-1 on padding), shaped to broadcast over ``original``."""
-    notes, pass_start, width, shape = _token_axis(original, spec, size, span, batcher, controller)
-    columns = column_positions(notes["prompt_mask"][start : start + size], pass_start, width)  # (size, width)
-    return columns.to(original.device).reshape(shape)
+    notes = batcher.__dict__[NOTE]  # `_chosen_tokens` has checked the pass is known
+    pass_start, width = notes["pass"]
+    shape = _mask_shape(original, spec, size, span, batcher, controller)
+    return _pass_columns(notes, pass_start, width, start, size).to(original.device).reshape(shape)  # (size, width)
 
 
 def replace_first_tensor(output: Any, value: torch.Tensor) -> Any:
@@ -423,19 +464,18 @@ def activate(adapter: Any, envoy: "Envoy", alpha: float, steps: Any, what: str, 
     (see `Optimization`). Calling again from the same invoke updates ``alpha``,
     ``steps`` and ``positions`` in place; the adapter never applies twice to the same row.
     """
-    activate_many([(adapter, envoy)], alpha, steps, what, positions=positions, stacklevel=6)
+    activate_many([(adapter, envoy, positions)], alpha, steps, what, stacklevel=6)
 
 
 def activate_many(
-    pairs: "list[tuple[Any, Envoy]]",
+    switches: list[tuple[Any, Envoy, PositionSpec | None]],
     alpha: float,
     steps: Any,
     what: str,
     *,
-    positions: PositionSpec | None = None,
     stacklevel: int = 5,
 ) -> None:
-    """`activate` for several ``(adapter, envoy)`` pairs of one model, sharing the per-call work.
+    """`activate` for several ``(adapter, envoy, positions)`` of one model, sharing the per-call work.
 
     The invoke, its run and the pass count are looked up once, not once per adapter.
     ``stacklevel`` points a warning at the user's call: this function, the
@@ -445,22 +485,25 @@ def activate_many(
     interleaver = mediator.interleaver
     rows = mediator.batch_group if interleaver.batcher is not None and interleaver.batcher.batching else None
     root_input = passes = None
-    for adapter, envoy in pairs:
+    checked = noted = False  # positions checked, and the run's sequence lengths noted, once per call
+    for adapter, envoy, positions in switches:
         if envoy.interleaver is not interleaver:
             raise RuntimeError(
                 f"`{what}` was called inside a trace of a different model than the one "
                 f"its module `{envoy.path}` belongs to. Build the adapter on a module of "
                 f"the model you are tracing."
             )
-        if root_input is None:  # one interleaver, so one model and one root for every pair
+        if root_input is None:  # one interleaver, so one model and one root for every switch
             # The root's path is the first part of the module's: an envoy unpickled on a
             # remote server travels without its parent, so `envoy.root` would be itself.
             root_input = f"{envoy.path.split('.', 1)[0]}.input"
             passes = _passes_begun(mediator, root_input)
-            if positions is not None:
-                _check_positions_can_be_known(positions, envoy, interleaver, mediator, root_input, what)
-            if rows is not None or positions is not None:  # the run's sequence lengths tell layouts and positions apart
-                _note_lengths_of_run(envoy, interleaver)
+        if positions is not None and not checked:
+            _check_positions_can_be_known(positions, envoy, interleaver, mediator, root_input, what)
+            checked = True
+        if not noted and (rows is not None or positions is not None):  # the run's sequence lengths tell layouts and positions apart
+            _note_lengths_of_run(envoy, interleaver)
+            noted = True
         controller = _adapter_controller(envoy)
         if _switch_on(controller, adapter, alpha, steps, mediator, rows, root_input, envoy.path, positions) and passes:
             if mediator.occurrence(f"{envoy.path}.input") >= passes:

@@ -168,7 +168,7 @@ class LoraSet(Optimization, Mapping):
         chosen = normalize_positions(positions)
         for lora in self._by_path.values():
             lora._follow_module_device()
-        activate_many([(lora, lora.module) for lora in self._by_path.values()], alpha, steps, "adapters()", positions=chosen)
+        activate_many([(lora, lora.module, chosen) for lora in self._by_path.values()], alpha, steps, "adapters()")
 
     # -- the mapping ---------------------------------------------------------
 

@@ -39,5 +39,5 @@ class DiReFT(ReftBase):
             torch.Size([1, 3, 32])
         """
         h, dh, Rt = self._parts(output)
-        delta = self.learned_source(dh) @ Rt.T  # (B, T, r) @ (r, d)
+        delta = self._source(dh) @ Rt.T  # (B, T, r) @ (r, d)
         return add_in_dtype(output, delta, alpha)

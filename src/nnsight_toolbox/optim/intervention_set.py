@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from .activation import Steps, check_alpha
+from .activation import Steps, activate_many, check_alpha, normalize_steps
 from .adapter_set import LoraSet
 from .optimization import Optimization
 from .positions import Positions
@@ -110,11 +110,13 @@ class InterventionSet(Optimization):
             ...     ids = tracer.result.save()
         """
         alpha = check_alpha(alpha)
-        for member in self.interventions:
-            if positions is None:
-                member(alpha, steps=steps)
-            else:
-                member(alpha, steps=steps, positions=positions)
+        steps = normalize_steps(steps)
+        switches = []
+        for member in self.interventions:  # each member's own checks and default positions, as its own call
+            chosen = member._positions(positions)
+            member._follow_module_device()
+            switches.append((member, member.module, chosen))
+        activate_many(switches, alpha, steps, "InterventionSet()")
 
     def __iter__(self) -> Iterator[Optimization]:
         return iter(self.interventions)

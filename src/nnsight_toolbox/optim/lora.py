@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .activation import Steps
-from .positions import Positions, normalize_positions
+from .positions import PositionSpec, Positions, normalize_positions
 from .dims import ModuleDims, infer_dims
 from .optimization import Optimization, _module_device
 
@@ -339,6 +339,10 @@ class LORA(Optimization):
             ...     lora(positions=slice(-1, None))
             ...     ids = tracer.result.save()
         """
+        self._activate(alpha, steps, positions, "lora()")
+
+    def _positions(self, positions: Positions) -> PositionSpec | None:
+        """`Optimization._positions`, refusing while merged (`merge`)."""
         if self.merged:
             raise RuntimeError(
                 f"The adapter on `{self.path}` is merged into the weights (alpha="
@@ -346,7 +350,7 @@ class LORA(Optimization):
                 f"row of every run; `lora()` would add it a second time. Drop the call, or "
                 f"call `lora.unmerge()` first to apply it per invoke again."
             )
-        self._activate(alpha, steps, normalize_positions(positions), "lora()")
+        return normalize_positions(positions)
 
     def delta(self, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         """``alpha * (dropout(x) @ WA @ WB + bias)`` in the adapter's dtype: the term ``lora()`` adds.

@@ -29,7 +29,9 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
-from .module_intervention import ModuleIntervention, add_in_dtype
+import torch.nn.functional as F
+
+from .module_intervention import ModuleIntervention, add_in_dtype, own_tensor
 
 if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
@@ -61,7 +63,7 @@ class OrthonormalColumns(torch.nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """``R^T``, (d, r)."""
-        generator, base = self.generator, self.base
+        generator, base = own_tensor(self, "generator"), own_tensor(self, "base")
         grad = torch.is_grad_enabled() and generator.requires_grad
         key = (generator._version, base._version, generator.data_ptr(), base.data_ptr())
         if not grad and self._cached is not None and self._cached[0] == key:
@@ -214,10 +216,16 @@ class ReftBase(ModuleIntervention):
 
     def _parts(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(h, dropout(h), R^T)`` in the intervention's dtype."""
-        self._check_width(output)
-        Rt = self.rotate_layer.weight  # (d, r)
-        h = output.to(Rt.dtype)
-        return h, self._dropped(h), Rt
+        if output.shape[-1] != self.output_dim:
+            raise self._width_error(output)
+        Rt = self._modules["rotate_layer"].weight  # (d, r)
+        h = output if output.dtype == Rt.dtype else output.to(Rt.dtype)
+        return h, (self._dropped(h) if self.dropout and self.training else h), Rt
+
+    def _source(self, h: torch.Tensor) -> torch.Tensor:
+        """``W h + b``: pyreft's ``learned_source``, computed from its tensors (no module call per forward pass)."""
+        source = self._modules["learned_source"]
+        return F.linear(h, own_tensor(source, "weight"), own_tensor(source, "bias"))
 
     def extra_repr(self) -> str:
         return ModuleIntervention.extra_repr(self)
@@ -261,7 +269,7 @@ class LoReFT(ReftBase):
             True
         """
         h, dh, Rt = self._parts(output)
-        delta = (self.learned_source(dh) - dh @ Rt) @ Rt.T  # ((B, T, r) - (B, T, d) @ (d, r)) @ (r, d)
+        delta = (self._source(dh) - dh @ Rt) @ Rt.T  # ((B, T, r) - (B, T, d) @ (d, r)) @ (r, d)
         return add_in_dtype(output, delta, alpha)
 
 

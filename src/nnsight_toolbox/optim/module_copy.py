@@ -33,7 +33,7 @@ from .activation import Steps, check_alpha
 from .dims import first_tensor
 from .lora import _check_envoy  # at module level: a server rebuilds functions without their package
 from .optimization import Optimization
-from .positions import Positions, normalize_positions
+from .positions import PositionSpec, Positions, normalize_positions
 
 if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
@@ -143,13 +143,17 @@ class ModuleCopy(Optimization):
             ...     head()
             ...     ids = tracer.result.save()
         """
+        self._activate(alpha, steps, positions, "ModuleCopy()")
+
+    def _positions(self, positions: Positions) -> PositionSpec | None:
+        """`Optimization._positions`, refusing while merged (`merge`)."""
         if self.merged:
             raise RuntimeError(
                 f"The copy of `{self.path}` is merged into the module's weights, so the model "
                 f"already computes it for every row of every run. Drop the call, or call "
                 f"`unmerge()` first to apply it per invoke again."
             )
-        self._activate(alpha, steps, normalize_positions(positions), "ModuleCopy()")
+        return normalize_positions(positions)
 
     def intervene(self, output: torch.Tensor, x: Any, alpha: float = 1.0) -> torch.Tensor:
         """The copy's output from the module's first input ``x``, blended with ``output`` by ``alpha``.

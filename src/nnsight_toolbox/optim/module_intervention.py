@@ -21,7 +21,7 @@ from .activation import Steps
 from .dims import infer_dims
 from .lora import _home_device as lora_home_device
 from .optimization import Optimization
-from .positions import PositionSpec, Positions, normalize_positions
+from .positions import Positions
 
 if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
@@ -147,11 +147,15 @@ class ModuleIntervention(Optimization):
             ...     steer(alpha=4.0, positions=slice(-1, None))
             ...     ids = tracer.result.save()
         """
-        self._activate(alpha, steps, self._positions(positions), f"{type(self).__name__.lower()}()")
+        self._activate(alpha, steps, positions, f"{type(self).__name__.lower()}()")
 
-    def _positions(self, positions: Positions) -> PositionSpec | None:
-        """The `PositionSpec` the machinery acts on; `SoftPrompt` chooses its own default."""
-        return normalize_positions(positions)
+    def _width_error(self, output: torch.Tensor) -> ValueError:
+        """The refusal for an output whose width is not the one the intervention was built for."""
+        return ValueError(
+            f"`{type(self).__name__}` on `{self.path}` was built for outputs of width "
+            f"{self.output_dim}, but the module returned shape {tuple(output.shape)}. Was it "
+            f"built for another module? Build a new one on this module."
+        )
 
     def _dropped(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` with dropout applied in training mode only (the intervention's input)."""
@@ -161,11 +165,7 @@ class ModuleIntervention(Optimization):
 
     def _check_width(self, output: torch.Tensor) -> None:
         if output.shape[-1] != self.output_dim:
-            raise ValueError(
-                f"`{type(self).__name__}` on `{self.path}` was built for outputs of width "
-                f"{self.output_dim}, but the module returned shape {tuple(output.shape)}. Was it "
-                f"built for another module? Build a new one on this module."
-            )
+            raise self._width_error(output)
 
     # -- artifacts: the work lives in `nnsight_toolbox.artifacts.native_intervention` --
 
@@ -209,10 +209,37 @@ class ModuleIntervention(Optimization):
 
 
 def add_in_dtype(output: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``output + alpha * delta``, summed in ``delta``'s dtype and cast back to ``output``'s."""
+    """``output + alpha * delta``, summed in ``delta``'s dtype and cast back to ``output``'s.
+
+    This runs on every forward pass of every module an intervention is on, so
+    the usual case (one dtype) is the add alone: a ``.to`` that changes nothing
+    still costs a dispatch, about as much as the add on a small tensor.
+    """
     if alpha != 1.0:
         delta = delta * alpha
+    if output.dtype == delta.dtype:
+        return output + delta
     return (output.to(delta.dtype) + delta).to(output.dtype)
+
+
+def own_tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """``module.<name>``, a parameter or buffer, read from its table without ``nn.Module.__getattr__``.
+
+    ``self.v`` on a module misses the instance and class dictionaries before
+    torch's ``__getattr__`` finds it, a few microseconds a lookup, and an
+    intervention reads its tensors on every forward pass. A parametrized
+    tensor (``torch.nn.utils.parametrize``) is not in the tables and is computed
+    by the usual lookup.
+
+    Examples:
+        >>> layer = torch.nn.Linear(2, 3)
+        >>> own_tensor(layer, "weight") is layer.weight
+        True
+    """
+    value = module._parameters.get(name)
+    if value is None:
+        value = module._buffers.get(name)
+    return value if value is not None else getattr(module, name)
 
 
 def _check_envoy(module: Any, who: str) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from ..remote import _pickled_for_nnsight_server, check_shippable
 from .activation import activate_many, check_alpha, normalize_steps
+from .positions import PositionSpec, normalize_positions
 
 
 class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
@@ -75,6 +76,25 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
         True
     """
 
+    reads_output = False
+    """Whether `intervene`'s backward keeps the ``output`` it was given (`LoReFT`'s ``R h`` does).
+
+    The machinery then hands it a copy of the invoke's rows that it will not
+    overwrite. A class default, so the per-call check is a plain attribute read.
+
+    Examples:
+        >>> lora.reads_output
+        False
+    """
+
+    reads_positions = False
+    """Whether `intervene` takes each token's position as well (`SoftPrompt`: which vector goes where).
+
+    Examples:
+        >>> lora.reads_positions
+        False
+    """
+
     def intervene(self, output: torch.Tensor, x: Any, alpha: float) -> torch.Tensor:
         """The module's new output, from its ``output`` and first input ``x``: the formula alone.
 
@@ -99,23 +119,34 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
         )
 
     def _activate(self, alpha: float, steps: Any, positions: Any, what: str) -> None:
-        """What every intervention's `forward` ends with: check the options, follow the
-        module to its device, and switch on for the running invoke.
+        """What every intervention's `forward` does: check the call, follow the module
+        to its device, and switch on for the running invoke.
 
-        ``positions`` is already a `PositionSpec` (or ``None``): each class chooses its default.
+        ``positions`` is the user's ``positions=``; `_positions` checks it (and
+        whether the intervention can be switched on at all).
         """
+        chosen = self._positions(positions)
         alpha = check_alpha(alpha)
         steps = normalize_steps(steps)
         self._follow_module_device()
         # stacklevel 6 names the user's line: activate_many, this, forward, torch's two call frames
-        activate_many([(self, self.module)], alpha, steps, what, positions=positions, stacklevel=6)
+        activate_many([(self, self.module, chosen)], alpha, steps, what, stacklevel=6)
+
+    def _positions(self, positions: Any) -> PositionSpec | None:
+        """The `PositionSpec` this intervention acts on for ``positions=``, or a clear refusal.
+
+        Where each class puts its own default (`SoftPrompt`: its ``n`` first
+        positions) and refuses a switch-on it cannot take (a merged `LORA`), so a
+        lone call and a set's call (`InterventionSet`) go through the same checks.
+        """
+        return normalize_positions(positions)
 
     def _follow_module_device(self) -> None:
         """Move the parameters (in place, keeping them the same objects) to the module's
         device, once the model has real weights there (it may start on the meta device)."""
         device = _module_device(self.module)
-        first = next(torch.nn.Module.parameters(self), None)
-        if device is not None and device.type != "meta" and first is not None and device != first.device:
+        first = first_parameter(self)
+        if first is not None and device is not None and device != first.device and device.type != "meta":
             self.to(device)
 
     def parameters(self, recurse: bool = True) -> list[torch.nn.Parameter]:  # type: ignore[override]
@@ -222,8 +253,28 @@ def _module_device(module: Any) -> torch.device | None:
     """The device of an Envoy's module's parameters, or of the model's for a module with none."""
     # A layer's own weight first: this runs on every call of an intervention, and walking
     # `parameters()` of a whole block costs more than the rest of the call.
-    own = next((p for p in module._module._parameters.values() if p is not None), None)
-    if own is not None:
-        return own.device
-    device = module.device
-    return device if device is not None else module.root.device
+    first = first_parameter(module._module)
+    return first.device if first is not None else module.root.device
+
+
+def first_parameter(module: torch.nn.Module) -> torch.nn.Parameter | None:
+    """The first of ``module.parameters()``, found without building its generators.
+
+    A switch-on reads it for every intervention in every run: ``parameters()``
+    walks every submodule through three generators and a set, which costs more
+    than the rest of the switch-on. The order is the same: the module's own
+    parameters, then each child's, depth first.
+
+    Examples:
+        >>> block = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(2, 3))
+        >>> first_parameter(block) is next(block.parameters())
+        True
+    """
+    for parameter in module._parameters.values():
+        if parameter is not None:
+            return parameter
+    for child in module._modules.values():
+        found = first_parameter(child) if child is not None else None
+        if found is not None:
+            return found
+    return None

@@ -45,9 +45,6 @@ class PositionSpec:
     def __init__(self, ints: "tuple[int, ...] | None", start: int | None, stop: int | None, step: int, text: str) -> None:
         self.ints, self.start, self.stop, self.step, self.text = ints, start, stop, step, text
 
-    def key(self) -> tuple:
-        return (self.ints, self.start, self.stop, self.step)
-
 
 def normalize_positions(positions: Any) -> PositionSpec | None:
     """``None``, or the `PositionSpec` of ``positions``, or a `ValueError` saying what is accepted.
@@ -114,10 +111,13 @@ def column_positions(prompt_mask: torch.Tensor, start: int, width: int) -> torch
     return torch.where(in_prompt[None, :], by_prompt, generated)
 
 
-def position_mask(spec: PositionSpec, prompt_mask: torch.Tensor, start: int, width: int, generating: bool, path: str) -> torch.Tensor:
+def position_mask(
+    spec: PositionSpec, prompt_mask: torch.Tensor, start: int, width: int, generating: bool, path: str, position: torch.Tensor | None = None
+) -> torch.Tensor:
     """``(rows, width)`` booleans: which columns ``[start, start + width)`` of the pass ``spec`` picks, per row.
 
-    ``prompt_mask`` is the prompt's attention mask for these rows, ``(rows, T)``.
+    ``prompt_mask`` is the prompt's attention mask for these rows, ``(rows, T)``;
+    ``position`` is `column_positions` of the same columns, if the caller has it.
     A position some row does not have raises a `ValueError` that names the rows.
 
     Examples:
@@ -128,7 +128,8 @@ def position_mask(spec: PositionSpec, prompt_mask: torch.Tensor, start: int, wid
         [[False, True, False], [True, False, False]]
     """
     lengths = prompt_mask.to(torch.long).sum(1)  # (rows,) real prompt tokens
-    position = column_positions(prompt_mask, start, width)  # -1 on padding
+    if position is None:
+        position = column_positions(prompt_mask, start, width)  # -1 on padding
     real = position >= 0
     if spec.ints is not None:
         wanted = torch.tensor(spec.ints)[None, :] + torch.where(torch.tensor(spec.ints) < 0, lengths[:, None], 0)  # (rows, k)
@@ -139,6 +140,39 @@ def position_mask(spec: PositionSpec, prompt_mask: torch.Tensor, start: int, wid
         high = _bound(spec.stop, lengths, math.inf)
         picked = (position >= low[:, None]) & (position.double() < high[:, None]) & ((position - low[:, None]) % spec.step == 0)
     return picked & real
+
+
+def generated_mask(spec: PositionSpec, lengths: list[int], prompt_width: int, start: int, width: int) -> list[list[bool]] | None:
+    """`position_mask` for a pass of generated columns only (``start >= prompt_width``), in plain Python.
+
+    A generation step's columns all come after the prompt, so a row's position
+    there is its prompt length plus the column's distance past the prompt: no
+    mask to read, and a decode step (one column) is a few comparisons per row
+    instead of a dozen small tensor operations. ``lengths`` holds each row's real
+    prompt tokens. Returns ``None`` where `position_mask` must decide, because
+    some row lacks a chosen position (it raises the error that names the rows).
+
+    Examples:
+        >>> generated_mask(normalize_positions(slice(-1, None)), [2, 3], 3, 3, 1)   # every new token
+        [[True], [True]]
+        >>> generated_mask(normalize_positions([0, 3]), [2, 3], 3, 3, 1)            # position 3: row 1's first new token
+        [[False], [True]]
+    """
+    if start < prompt_width:
+        return None
+    rows = []
+    for length in lengths:
+        first = length + start - prompt_width  # the position of column `start` in this row
+        if spec.ints is not None:
+            wanted = {p + length if p < 0 else p for p in spec.ints}
+            if min(wanted) < 0:
+                return None
+            rows.append([first + i in wanted for i in range(width)])
+        else:
+            low = 0 if spec.start is None else max(length + spec.start if spec.start < 0 else spec.start, 0)
+            high = math.inf if spec.stop is None else max(length + spec.stop if spec.stop < 0 else spec.stop, 0)
+            rows.append([low <= p < high and (p - low) % spec.step == 0 for p in range(first, first + width)])
+    return rows
 
 
 def _bound(value: int | None, lengths: torch.Tensor, default: float) -> torch.Tensor:

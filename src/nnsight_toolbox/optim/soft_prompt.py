@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .module_intervention import ModuleIntervention
+from .module_intervention import ModuleIntervention, own_tensor
 from .positions import PositionSpec, Positions, normalize_positions
 
 if TYPE_CHECKING:
@@ -129,7 +129,8 @@ class SoftPrompt(ModuleIntervention):
             >>> torch.equal(out[0, :2], soft.embeddings.detach())
             True
         """
-        self._check_width(output)
+        if output.shape[-1] != self.output_dim:
+            raise self._width_error(output)
         if positions is None or spec is None or output.dim() != 3:
             raise ValueError(
                 f"`SoftPrompt` on `{self.path}` needs an output of shape (batch, tokens, width) and the "
@@ -137,9 +138,10 @@ class SoftPrompt(ModuleIntervention):
                 f"Call it inside a trace (`soft()`), on an embedding module."
             )
         index = (positions.reshape(output.shape[:2]) - spec.ints[0]).clamp(0, self.n - 1)  # (B, T): vector k at position start + k
-        vectors = self._dropped(self.embeddings)[index]  # (B, T, d); kept only at the chosen positions
-        blended = torch.lerp(output.to(vectors.dtype), vectors, alpha)  # weight 1 gives `vectors` exactly
-        return blended.to(output.dtype)
+        vectors = self._dropped(own_tensor(self, "embeddings"))[index]  # (B, T, d); kept only at the chosen positions
+        if output.dtype == vectors.dtype:
+            return torch.lerp(output, vectors, alpha)  # weight 1 gives `vectors` exactly
+        return torch.lerp(output.to(vectors.dtype), vectors, alpha).to(output.dtype)
 
     def extra_repr(self) -> str:
         return ModuleIntervention.extra_repr(self)
