@@ -136,25 +136,36 @@ def test_a_position_a_row_lacks_is_an_error_naming_the_rows(gpt2):
 
 
 @pytest.mark.parametrize("spec", [*SPECS, slice(2, None, 3), slice(None, 4), [-1, 3], 7, slice(-3, -1)])
-def test_a_generation_step_picks_the_tokens_the_mask_picks_without_tensor_operations(spec):
-    """`generated_mask` (plain Python, generated columns) against `position_mask` (torch, any column)."""
-    from nnsight_toolbox.optim.positions import generated_mask, normalize_positions, position_mask
+def test_plain_python_picks_the_tokens_the_tensor_mask_picks(spec):
+    """`python_mask`/`python_columns` (plain Python, small passes) against `position_mask`/`column_positions` (torch)."""
+    from nnsight_toolbox.optim.positions import column_positions, normalize_positions, position_mask, python_columns, python_mask
 
     generator = torch.Generator().manual_seed(0)
     chosen = normalize_positions(spec)
-    for _ in range(20):
+    served = 0
+    for trial in range(40):
         rows, width = int(torch.randint(1, 5, (1,), generator=generator)), int(torch.randint(2, 9, (1,), generator=generator))
-        mask = (torch.rand(rows, width, generator=generator) < 0.7).long()
-        mask[:, -1] = 1  # every row has a real last prompt token, as a left-padded batch does
+        lengths = torch.randint(1, width + 1, (rows,), generator=generator)
+        left_padded = trial % 4 != 0
+        if left_padded:  # each row's real tokens are its last `length` columns
+            mask = (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long()
+        else:  # holes anywhere: only generated columns follow from the lengths
+            mask = (torch.rand(rows, width, generator=generator) < 0.6).long()
+            mask[:, -1] = 1
         lengths = mask.sum(1).tolist()
-        for start in range(width, width + 6):
-            for step_width in (1, 2):
-                picked = generated_mask(chosen, lengths, width, start, step_width)
+        for generating in (True, False):
+            passes = [(0, width), (width - 1, 1)] + ([(start, w) for start in range(width, width + 5) for w in (1, 2)] if generating else [])
+            for start, pass_width in passes:
+                picked = python_mask(chosen, lengths, width, start, pass_width, generating, left_padded)
+                if start < width and not left_padded:
+                    assert picked is None  # prompt columns with holes are the torch path's
+                    continue
+                assert python_columns(lengths, width, start, pass_width) == column_positions(mask, start, pass_width).tolist()
                 try:
-                    expected = position_mask(chosen, mask, start, step_width, True, "m").tolist()
+                    expected = position_mask(chosen, mask, start, pass_width, generating, "m").tolist()
                 except ValueError:
                     assert picked is None, (spec, mask.tolist(), start)  # the torch path raises the error naming the rows
                     continue
-                assert picked == expected, (spec, mask.tolist(), start)
-    assert generated_mask(chosen, [3], 4, 2, 2) is None  # prompt columns are the torch path's
-
+                assert picked == expected, (spec, mask.tolist(), start, generating)
+                served += 1
+    assert served > 100

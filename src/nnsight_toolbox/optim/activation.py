@@ -47,7 +47,7 @@ from nnsight.intervention.source import NO_SKIP, Controller, _as_fragment, run_b
 from nnsight.intervention.util import first_input
 
 from .dims import first_tensor
-from .positions import PositionSpec, column_positions, generated_mask, position_mask
+from .positions import PYTHON_MASK_TOKENS, PositionSpec, column_positions, position_mask, python_columns, python_mask
 from .rows import NOTE, layout_error, note_lengths, pass_lengths, row_span
 
 if TYPE_CHECKING:
@@ -331,13 +331,11 @@ def _chosen_tokens(spec: PositionSpec, start: int, size: int, device: torch.devi
 
 
 def _pass_mask(spec: PositionSpec, notes: dict, pass_start: int, width: int, start: int, size: int, device: torch.device, path: str) -> bool | torch.Tensor:
-    """`_chosen_tokens`' answer, worked out: plain Python for generated columns, `position_mask` otherwise."""
+    """`_chosen_tokens`' answer, worked out: in plain Python for a small pass whose positions follow from the rows' lengths, else with `position_mask`."""
     prompt_mask, generating = notes["prompt_mask"], notes.get("generating", False)
-    if generating and pass_start >= prompt_mask.shape[1]:
-        lengths = notes.get("prompt_lengths")
-        if lengths is None:
-            lengths = notes["prompt_lengths"] = prompt_mask.to(torch.long).sum(1).tolist()
-        picked = generated_mask(spec, lengths[start : start + size], prompt_mask.shape[1], pass_start, width)
+    if size * width <= PYTHON_MASK_TOKENS:
+        lengths, left_padded = _prompt_shape(notes)
+        picked = python_mask(spec, lengths[start : start + size], prompt_mask.shape[1], pass_start, width, generating, left_padded)
         if picked is not None:
             flat = [token for row in picked for token in row]
             return True if all(flat) else False if not any(flat) else torch.tensor(picked, device=device)
@@ -352,8 +350,31 @@ def _pass_columns(notes: dict, pass_start: int, width: int, start: int, size: in
     key = (pass_start, width, start, size)
     columns = cached.get(key)
     if columns is None:
-        columns = cached[key] = column_positions(notes["prompt_mask"][start : start + size], pass_start, width)
+        prompt_mask = notes["prompt_mask"]
+        lengths, left_padded = _prompt_shape(notes)
+        if size * width <= PYTHON_MASK_TOKENS and (left_padded or pass_start >= prompt_mask.shape[1]):
+            columns = torch.tensor(python_columns(lengths[start : start + size], prompt_mask.shape[1], pass_start, width))
+        else:
+            columns = column_positions(prompt_mask[start : start + size], pass_start, width)
+        cached[key] = columns
     return columns
+
+
+def _prompt_shape(notes: dict) -> tuple[list[int], bool]:
+    """Each row's real prompt tokens, and whether the prompt is left-padded (see `python_mask`); once per run."""
+    shape = notes.get("prompt_shape")
+    if shape is None:
+        mask = notes["prompt_mask"]
+        if mask.numel() <= PYTHON_MASK_TOKENS:  # a small prompt: one conversion, then plain Python
+            rows = mask.tolist()
+            left_padded = all(value in (0, 1) for row in rows for value in row) and all(row == sorted(row) for row in rows)
+            shape = ([int(sum(row)) for row in rows], left_padded)
+        else:
+            mask = mask.to(torch.long)
+            left_padded = bool(((mask == 0) | (mask == 1)).all()) and bool((mask[:, 1:] >= mask[:, :-1]).all())
+            shape = (mask.sum(1).tolist(), left_padded)
+        notes["prompt_shape"] = shape
+    return shape
 
 
 def _mask_shape(original: torch.Tensor, spec: PositionSpec, size: int, span: int, batcher: Any, controller: AdapterController) -> tuple[int, ...]:
@@ -377,7 +398,8 @@ def _pass_positions(
     notes = batcher.__dict__[NOTE]  # `_chosen_tokens` has checked the pass is known
     pass_start, width = notes["pass"]
     shape = _mask_shape(original, spec, size, span, batcher, controller)
-    return _pass_columns(notes, pass_start, width, start, size).to(original.device).reshape(shape)  # (size, width)
+    columns = _pass_columns(notes, pass_start, width, start, size)  # (size, width), on the CPU
+    return (columns if columns.device == original.device else columns.to(original.device)).reshape(shape)
 
 
 def replace_first_tensor(output: Any, value: torch.Tensor) -> Any:

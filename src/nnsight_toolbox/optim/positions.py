@@ -142,30 +142,40 @@ def position_mask(
     return picked & real
 
 
-def generated_mask(spec: PositionSpec, lengths: list[int], prompt_width: int, start: int, width: int) -> list[list[bool]] | None:
-    """`position_mask` for a pass of generated columns only (``start >= prompt_width``), in plain Python.
+#: The most tokens (rows x columns) a pass may have for `python_mask` to choose them:
+#: past that, a few tensor operations cost less than a Python loop over every token.
+PYTHON_MASK_TOKENS = 4096
 
-    A generation step's columns all come after the prompt, so a row's position
-    there is its prompt length plus the column's distance past the prompt: no
-    mask to read, and a decode step (one column) is a few comparisons per row
-    instead of a dozen small tensor operations. ``lengths`` holds each row's real
-    prompt tokens. Returns ``None`` where `position_mask` must decide, because
-    some row lacks a chosen position (it raises the error that names the rows).
+
+def python_mask(
+    spec: PositionSpec, lengths: list[int], prompt_width: int, start: int, width: int, generating: bool, left_padded: bool
+) -> list[list[bool]] | None:
+    """`position_mask` in plain Python, where a row's positions follow from its length alone.
+
+    A row's position at column ``c`` is ``c - (prompt_width - length)``: for
+    generated columns always (they continue the count), and for prompt columns
+    when the prompt is left-padded (each row's real tokens are its last
+    ``length`` columns, as nnsight pads). So a generation step, or the prefill
+    of a small left-padded batch, needs a few comparisons per token instead of a
+    dozen small tensor operations. ``lengths`` holds each row's real prompt
+    tokens. Returns ``None`` where `position_mask` must decide: prompt columns
+    of a prompt that is not left-padded, or a position some row lacks (it
+    raises the error that names the rows).
 
     Examples:
-        >>> generated_mask(normalize_positions(slice(-1, None)), [2, 3], 3, 3, 1)   # every new token
+        >>> python_mask(normalize_positions(slice(-1, None)), [2, 3], 3, 3, 1, True, True)   # a generation step
         [[True], [True]]
-        >>> generated_mask(normalize_positions([0, 3]), [2, 3], 3, 3, 1)            # position 3: row 1's first new token
-        [[False], [True]]
+        >>> python_mask(normalize_positions(0), [2, 3], 3, 0, 3, False, True)                # the prefill: row 0 is padded
+        [[False, True, False], [True, False, False]]
     """
-    if start < prompt_width:
+    if start < prompt_width and not left_padded:
         return None
     rows = []
     for length in lengths:
-        first = length + start - prompt_width  # the position of column `start` in this row
+        first = start - (prompt_width - length)  # the position of column `start` in this row; negative on padding
         if spec.ints is not None:
             wanted = {p + length if p < 0 else p for p in spec.ints}
-            if min(wanted) < 0:
+            if min(wanted) < 0 or (not generating and max(wanted) >= length):
                 return None
             rows.append([first + i in wanted for i in range(width)])
         else:
@@ -173,6 +183,16 @@ def generated_mask(spec: PositionSpec, lengths: list[int], prompt_width: int, st
             high = math.inf if spec.stop is None else max(length + spec.stop if spec.stop < 0 else spec.stop, 0)
             rows.append([low <= p < high and (p - low) % spec.step == 0 for p in range(first, first + width)])
     return rows
+
+
+def python_columns(lengths: list[int], prompt_width: int, start: int, width: int) -> list[list[int]]:
+    """`column_positions` in plain Python, for the passes `python_mask` serves: -1 on padding.
+
+    Examples:
+        >>> python_columns([2, 3], 3, 0, 4)
+        [[-1, 0, 1, 2], [0, 1, 2, 3]]
+    """
+    return [[max(c - (prompt_width - length), -1) for c in range(start, start + width)] for length in lengths]
 
 
 def _bound(value: int | None, lengths: torch.Tensor, default: float) -> torch.Tensor:
