@@ -151,3 +151,37 @@ def test_load_refuses_a_model_without_a_saved_module(gpt2, tmp_path):
     sidecar.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"intervention 0: the model has no module 'transformer.h.9'"):
         InterventionSet.load(tmp_path / "mix", gpt2)
+
+
+def test_a_member_of_your_own_that_acts_in_its_forward_is_called_as_before(gpt2):
+    """A custom `Optimization` with no `intervene` (nnsight's `.output =` in its forward) beside a built-in one."""
+    from nnsight_toolbox import Optimization
+
+    class Shift(Optimization):
+        def __init__(self, module, width):
+            Optimization.__init__(self)
+            self.module = module
+            self.vector = torch.nn.Parameter(torch.randn(width, generator=torch.Generator().manual_seed(1)))
+
+        def forward(self, alpha=1.0, *, steps=None, positions=None):
+            self.module.output = self.module.output + alpha * self.vector
+
+    steer = SteeringVector(gpt2.get("transformer.h.0"))
+    with torch.no_grad():
+        steer.v.copy_(torch.randn(32, generator=torch.Generator().manual_seed(0)))
+    shift = Shift(gpt2.get(LAYER), 32)
+    with gpt2.trace(PROMPTS[0]):
+        InterventionSet([steer, shift])(alpha=0.5)
+        logits = gpt2.lm_head.output.save()
+
+    raw = gpt2._module
+    added = {raw.transformer.h[0]: steer.v.detach(), raw.transformer.h[1]: shift.vector.detach()}
+    handles = [m.register_forward_hook(lambda mod, args, out, v=v: out + 0.5 * v) for m, v in added.items()]
+    try:
+        with torch.no_grad():
+            expected = raw(**gpt2.tokenizer(PROMPTS[0], return_tensors="pt")).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert not torch.allclose(logits, raw(**gpt2.tokenizer(PROMPTS[0], return_tensors="pt")).logits, atol=1e-3)

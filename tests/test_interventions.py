@@ -399,3 +399,13 @@ def test_a_float32_intervention_on_a_bf16_model(cls):
         base = model.transformer.h[1].output.save()
     expected = ours.intervene(base, None, 1.0)  # float32 arithmetic, one rounding to bf16
     assert torch.equal(h, expected)
+
+
+@pytest.mark.parametrize("build", [lambda m: SteeringVector(m.get(LAYER), output_dim=7), lambda m: LoReFT(m.get(LAYER), r=2, output_dim=7), lambda m: DiReFT(m.get(LAYER), r=2, output_dim=7)])
+def test_an_intervention_built_for_another_width_is_refused_by_name_not_broadcast(gpt2, build):
+    """Width 7 against the block's 32: a (..., 32) + (7,) must not reach torch, nor a (..., 1) output broadcast."""
+    intervention = build(gpt2)
+    with pytest.raises(ValueError, match=rf"`{type(intervention).__name__}` on `model\.{LAYER}` was built for outputs of width 7"):
+        with gpt2.trace(PROMPTS[0]):
+            intervention()
+            gpt2.lm_head.output.save()

@@ -323,7 +323,7 @@ def _chosen_tokens(spec: PositionSpec, start: int, size: int, device: torch.devi
         )
     pass_start, width = notes["pass"]
     masks = notes.setdefault("masks", {})
-    key = (pass_start, width, start, size, spec.ints, spec.start, spec.stop, spec.step)
+    key = (pass_start, width, start, size, spec.ints, spec.start, spec.stop, spec.step, device)  # a mask lives on one device
     chosen = masks.get(key)
     if chosen is None:
         chosen = masks[key] = _pass_mask(spec, notes, pass_start, width, start, size, device, controller.path)

@@ -111,12 +111,22 @@ class InterventionSet(Optimization):
         """
         alpha = check_alpha(alpha)
         steps = normalize_steps(steps)
-        switches = []
-        for member in self.interventions:  # each member's own checks and default positions, as its own call
-            chosen = member._positions(positions)
+        switches = []  # switched on together, sharing the lookups of the invoke and its run
+        for member in self.interventions:
+            if type(member).intervene is Optimization.intervene:  # a custom one that acts in its own forward
+                if switches:  # the members before it first: the order of calls is the order they apply in
+                    activate_many(switches, alpha, steps, "InterventionSet()")
+                    switches = []
+                if positions is None:
+                    member(alpha, steps=steps)
+                else:
+                    member(alpha, steps=steps, positions=positions)
+                continue
+            chosen = member._positions(positions)  # the member's own checks and default, as its own call makes
             member._follow_module_device()
             switches.append((member, member.module, chosen))
-        activate_many(switches, alpha, steps, "InterventionSet()")
+        if switches:
+            activate_many(switches, alpha, steps, "InterventionSet()")
 
     def __iter__(self) -> Iterator[Optimization]:
         return iter(self.interventions)

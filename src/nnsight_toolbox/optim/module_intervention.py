@@ -150,7 +150,11 @@ class ModuleIntervention(Optimization):
         self._activate(alpha, steps, positions, f"{type(self).__name__.lower()}()")
 
     def _width_error(self, output: torch.Tensor) -> ValueError:
-        """The refusal for an output whose width is not the one the intervention was built for."""
+        """The refusal for an output whose width is not the one the intervention was built for.
+
+        Each subclass's `intervene` compares ``output.shape[-1]`` with `output_dim`
+        itself: a helper call per forward pass costs about as much as the check.
+        """
         return ValueError(
             f"`{type(self).__name__}` on `{self.path}` was built for outputs of width "
             f"{self.output_dim}, but the module returned shape {tuple(output.shape)}. Was it "
@@ -162,10 +166,6 @@ class ModuleIntervention(Optimization):
         if self.dropout and self.training:
             return F.dropout(value, self.dropout, training=True)
         return value
-
-    def _check_width(self, output: torch.Tensor) -> None:
-        if output.shape[-1] != self.output_dim:
-            raise self._width_error(output)
 
     # -- artifacts: the work lives in `nnsight_toolbox.artifacts.native_intervention` --
 
