@@ -246,7 +246,7 @@ def add_deltas(
     cloned = False
     spans = None  # (output, input) dim-0 entries per batch row; see `rows.row_span`
     for activation in live:
-        adapter, alpha, spec = activation.adapter, activation.alpha, activation.positions
+        adapter, alpha, spec = activation._adapter(), activation.alpha, activation.positions  # the run holds the adapter
         rows = activation.mediator().batch_group if batching else None  # [start, size], None: all
         if rows is None and spec is None:
             adapted = adapter.intervene(adapted, x, alpha)
