@@ -392,10 +392,16 @@ class LORA(Optimization):
             return self._add_biased_delta(output, x, alpha)
         WA, WB = self._factors()
         # `_down`'s usual case written out: this runs on every forward pass of every adapted
-        # module, and in batch-1 generation a method call costs a tenth of the arithmetic.
-        if x.dtype == WA.dtype and x.shape[-1] == WA.shape[0] and not self.takes_ids and not (self.dropout and self.training):
-            hidden = x @ WA  # (..., r)
-        else:
+        # module, and in batch-1 generation a method call, or reading a shape, costs a tenth
+        # of the arithmetic. An input of another width makes the matmul raise, and `_down`
+        # then raises the clear error.
+        hidden = None
+        if x.dtype == WA.dtype and not self.takes_ids and not (self.dropout and self.training):
+            try:
+                hidden = x @ WA  # (..., r)
+            except RuntimeError:
+                pass
+        if hidden is None:
             hidden = self._down(x, WA)
         if output.dtype == WB.dtype and output.numel() >= FUSE_MIN_ELEMENTS:
             if output.shape[:-1] != hidden.shape[:-1] or output.shape[-1] != WB.shape[1]:
