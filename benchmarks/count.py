@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     if missing:
         raise SystemExit(f"{' and '.join(missing)} not found: counting needs valgrind (`apt-get install valgrind`).")
     from configs import build_config
-    from report import write_jsonl
+    from report import write_jsonl, write_results
     from tqdm.auto import tqdm
 
     config = build_config(args.config)
@@ -258,11 +258,7 @@ def main(argv: list[str] | None = None) -> Path | None:
             write_jsonl(out, finished())
     records = finished()
     meta = records[0]
-    write_jsonl(out, records)
-    table = markdown(meta, records)
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    write_results(out, records, markdown(meta, records))
     return out
 
 

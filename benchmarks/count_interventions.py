@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     if missing:
         raise SystemExit(f"{' and '.join(missing)} not found: counting needs valgrind (`apt-get install valgrind`).")
     from count import read_dumps, run_under_callgrind
-    from report import write_jsonl
+    from report import write_results
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or HERE / "results" / f"count-interventions-{stamp}.jsonl"
@@ -314,11 +314,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         per_pass = json.loads(prefix.with_suffix(".json").read_text())
     meta = dict(measure="meta", kind="instructions", model=f"Llama, {LAYERS} layers, {HIDDEN} wide, vocabulary {VOCAB}", new_tokens=args.new_tokens, date=stamp)
     records = [meta, *records_of(counts, per_pass, args.new_tokens)]
-    write_jsonl(out, records)
-    table = markdown(meta, records)
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    write_results(out, records, markdown(meta, records))
     return out
 
 

@@ -146,6 +146,14 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(record, default=str) + "\n")
 
 
+def write_results(path: Path, records: list[dict], table: str, took: str = "") -> None:
+    """Write ``records`` to ``path`` (JSON lines) and ``table`` beside it (``.md``), and print the table."""
+    write_jsonl(path, records)
+    path.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {path} and {path.with_suffix('.md')}{took}")
+
+
 def _fmt_ms(ms: float) -> str:
     return f"{ms:,.1f}" if ms >= 10 else f"{ms:.2f}"
 

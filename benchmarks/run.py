@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from configs import CONFIGS, BenchConfig, build_config  # noqa: E402
 from measures import agreement, main_measures, many_adapters, steady_loop, token_scaling, train_peak_memory  # noqa: E402
-from report import add_ratios, bar_checks, markdown, write_jsonl  # noqa: E402
+from report import add_ratios, bar_checks, markdown, write_jsonl, write_results  # noqa: E402
 from variants import ToolboxVariant, adapter_init, build_models, build_variants  # noqa: E402
 
 ALL_EXTRAS = ("tokens", "many", "loop")
@@ -172,11 +172,7 @@ def main(argv: list[str] | None = None) -> Path:
     meta["wall_s"] = round(time.perf_counter() - started, 1)
     records.insert(0, meta)
 
-    write_jsonl(out, records)
-    table = markdown(meta, records)
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"wrote {out} and {out.with_suffix('.md')} in {meta['wall_s']:.0f} s")
+    write_results(out, records, markdown(meta, records), took=f" in {meta['wall_s']:.0f} s")
     return out
 
 
