@@ -75,9 +75,11 @@ class Activation:
     worker when the run ends (`Interleaver.cancel`).
     """
 
-    __slots__ = ("_adapter", "alpha", "steps", "positions", "mediator", "worker", "root_input", "calls", "calls_pass")
+    __slots__ = ("_adapter", "alpha", "steps", "positions", "rows", "plain", "chosen", "mediator", "worker", "root_input", "calls", "calls_pass")
 
-    def __init__(self, adapter: Any, alpha: float, steps: Any, mediator: "Mediator", root_input: str, positions: PositionSpec | None = None) -> None:
+    def __init__(
+        self, adapter: Any, alpha: float, steps: Any, mediator: "Mediator", root_input: str, positions: PositionSpec | None = None, rows: list | None = None
+    ) -> None:
         self._adapter = weakref.ref(adapter)
         worker = mediator.worker
         kept = worker.__dict__.setdefault("nnsight_toolbox_adapters", [])  # greenlets take attributes
@@ -85,6 +87,11 @@ class Activation:
         self.alpha = alpha
         self.steps = steps  # None (every pass) or a container of pass indices
         self.positions = positions  # None (every token) or the tokens of each row to act on
+        # The invoke's rows [start, size] of the run's batch, None for all of it: fixed for the
+        # run, since nnsight batches every invoke before the model runs.
+        self.rows = rows
+        self.plain = rows is None and positions is None  # the whole batch, every token: no narrowing
+        self.chosen: tuple | None = None  # (pass note, device, `_chosen_tokens`' answer) for the pass last seen
         self.mediator = weakref.ref(mediator)
         self.worker = weakref.ref(worker)
         self.root_input = root_input  # the root module's input location, to count passes
@@ -145,6 +152,8 @@ class AdapterController(Controller):
             batcher = interleaver.batcher
             if batcher is not None and self.noting_for() is batcher:
                 note_lengths(batcher, self.noting, args, kwargs, self.encoder_decoder)
+                if not self.activations:  # the root, noting for adapters elsewhere: nothing to retire
+                    return self.inner(*args, **kwargs)
         live = self.live(interleaver) if interleaver is not None else []
         if not live:
             self.retire_if_idle(interleaver)
@@ -155,8 +164,12 @@ class AdapterController(Controller):
         if skipped is not NO_SKIP:  # a skipped module has no body for a delta to ride on
             return handle(locations[2], _as_fragment(interleaver, locations[2], skipped))
         output = run_body(state, module, args, kwargs)
-        output = add_deltas(output, first_input(args, kwargs), live, interleaver, self)
-        return handle(locations[2], output)
+        x = first_input(args, kwargs)
+        if len(live) == 1 and type(output) is torch.Tensor and type(x) is torch.Tensor:
+            activation = live[0]
+            if activation.plain:  # the usual case, with nothing to narrow: `add_deltas`' first branch
+                return handle(locations[2], activation._adapter().intervene(output, x, activation.alpha))
+        return handle(locations[2], add_deltas(output, x, live, interleaver, self))
 
     @property
     def path(self) -> str:
@@ -167,8 +180,14 @@ class AdapterController(Controller):
         """The activations running in ``interleaver``'s current run and acting on this pass."""
         live = []
         for activation in self.activations:
-            mediator = activation.live_mediator(interleaver)
-            if mediator is not None and (activation.steps is None or activation.acts_on_this_pass(mediator)):
+            # `Activation.live_mediator` written out: this runs on every call of every adapted module.
+            mediator = activation.mediator()
+            if mediator is None or mediator.interleaver is not interleaver:
+                continue
+            worker = mediator.worker
+            if worker is None or worker is not activation.worker():
+                continue
+            if activation.steps is None or activation.acts_on_this_pass(mediator):
                 live.append(activation)
         return live
 
@@ -241,19 +260,18 @@ def add_deltas(
             f"a tensor, so the adapter has nothing to multiply."
         )
     batcher = interleaver.batcher
-    batching = batcher is not None and batcher.batching
     adapted = target
     cloned = False
     spans = None  # (output, input) dim-0 entries per batch row; see `rows.row_span`
     for activation in live:
         adapter, alpha, spec = activation._adapter(), activation.alpha, activation.positions  # the run holds the adapter
-        rows = activation.mediator().batch_group if batching else None  # [start, size], None: all
+        rows = activation.rows  # [start, size], None: all
         if rows is None and spec is None:
             adapted = adapter.intervene(adapted, x, alpha)
             cloned = False  # a fresh tensor now, which a formula's backward may keep: clone before writing rows into it
             continue
         start, size = rows if rows is not None else (0, batcher.total)
-        chosen = True if spec is None else _chosen_tokens(spec, start, size, target.device, batcher, controller)
+        chosen = True if spec is None else _chosen_tokens(activation, start, size, target.device, batcher, controller)
         if chosen is False:
             continue  # none of this pass's tokens (a generation step before or after the chosen ones)
         if rows is None and chosen is True and not getattr(adapter, "reads_positions", False):  # every token of every row
@@ -306,27 +324,34 @@ def _row_spans(output: torch.Tensor, x: Any, batcher: Any, controller: AdapterCo
     return out_span, in_span
 
 
-def _chosen_tokens(spec: PositionSpec, start: int, size: int, device: torch.device, batcher: Any, controller: AdapterController) -> bool | torch.Tensor:
-    """Which tokens of rows ``[start, start + size)`` of this pass ``spec`` picks: all (``True``), none (``False``), or a ``(size, width)`` mask.
+def _chosen_tokens(activation: Activation, start: int, size: int, device: torch.device, batcher: Any, controller: AdapterController) -> bool | torch.Tensor:
+    """Which tokens of rows ``[start, start + size)`` of this pass the activation's ``positions=`` picks: all (``True``), none (``False``), or a ``(size, width)`` mask.
 
     Worked out once per pass, rows and ``positions=``, and shared by every
-    module of the pass. A pass where it picks every token or none (each
-    generation step, for most choices) then costs the adapted modules no index
-    operation at all, and no more Python than a few dictionary reads.
+    module of the pass; the activation keeps its answer for the pass, which the
+    root notes afresh at each one. A pass where it picks every token or none
+    (each generation step, for most choices) then costs the adapted modules no
+    index operation at all, and no more Python than a few attribute reads.
     """
     notes = batcher.__dict__.get(NOTE) or {}
-    if "pass" not in notes:
+    current = notes.get("pass")  # a new tuple at each pass (`rows.note_columns`)
+    kept = activation.chosen
+    if kept is not None and kept[0] is current and kept[1] == device:
+        return kept[2]
+    spec = activation.positions
+    if current is None:
         raise ValueError(
             f"`positions={spec.text}` on `{controller.path}`: the token positions of this pass are "
             f"unknown (the model's inputs carry no token ids or embeddings this package can read). "
             f"Drop `positions=` to act on every token."
         )
-    pass_start, width = notes["pass"]
+    pass_start, width = current
     masks = notes.setdefault("masks", {})
     key = (pass_start, width, start, size, spec.ints, spec.start, spec.stop, spec.step, device)  # a mask lives on one device
     chosen = masks.get(key)
     if chosen is None:
         chosen = masks[key] = _pass_mask(spec, notes, pass_start, width, start, size, device, controller.path)
+    activation.chosen = (current, device, chosen)
     return chosen
 
 
@@ -577,6 +602,7 @@ def _switch_on(
         other = activation.live_mediator(interleaver)
         if other is mediator:
             activation.alpha, activation.steps, activation.positions = alpha, steps, positions
+            activation.plain, activation.chosen = activation.rows is None and positions is None, None
             _count_repeat_call(activation, mediator, path)
             return False
         other_rows = other.batch_group if rows is not None else None
@@ -587,7 +613,7 @@ def _switch_on(
                 f"covers the whole batch). An adapter applies at most once per row: "
                 f"call it in only one of the two invokes."
             )
-    controller.activations.append(Activation(adapter, alpha, steps, mediator, root_input, positions))
+    controller.activations.append(Activation(adapter, alpha, steps, mediator, root_input, positions, rows))
     return True
 
 
