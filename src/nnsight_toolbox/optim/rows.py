@@ -44,27 +44,54 @@ def note_lengths(batcher: Any, role: str, args: tuple, kwargs: dict, encoder_dec
     the root's note is always that of the pass now running (each generation step
     is a new pass with its own lengths: 1 with a KV cache, the whole sequence without).
     """
+    # This runs at the start of every forward pass (every generation step), and for a soft
+    # prompt it was most of what a step cost: the usual pass first, then the general one
+    # with its loops written out and each shape read once.
     total = batcher.total
-    values = [kwargs.get(key) for key in SEQUENCE_INPUTS]
+    notes = batcher.__dict__.get(NOTE)
+    if notes is None:
+        notes = batcher.__dict__[NOTE] = {}
+    ids = kwargs.get("input_ids")
+    if not args and not encoder_decoder and type(ids) is torch.Tensor:
+        # Token ids by keyword, as `generate` and a tokenized prompt pass them, and no other
+        # sequence input: the general path below would find this one length alone.
+        shape = ids.shape
+        if (
+            len(shape) == 2
+            and shape[0] == total
+            and kwargs.get("inputs_embeds") is None
+            and kwargs.get("decoder_input_ids") is None
+            and kwargs.get("decoder_inputs_embeds") is None
+        ):
+            notes[role] = frozenset((shape[1],))
+            if role == "root":
+                _note_pass(notes, total, kwargs, shape[1])
+            return
+    lengths = set()
+    for key in SEQUENCE_INPUTS:
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor):
+            _add_length(lengths, value.shape, total)
     first = args[0] if args else None
     if isinstance(first, torch.Tensor):
         if not first.is_floating_point():
-            values.append(first)  # token ids given positionally
+            _add_length(lengths, first.shape, total)  # token ids given positionally
         elif first.dim() == 2 and first.shape[0] == total:
-            values.append(first[:, :1])  # a (B, features) input: one position per row
+            lengths.add(1)  # a (B, features) input: one position per row
     if encoder_decoder:
         # The decoder's passes carry the encoder's length in its mask and outputs.
-        values.append(kwargs.get("attention_mask"))
-        values.append(first_tensor(kwargs.get("encoder_outputs")))
-    lengths = {
-        value.shape[1]
-        for value in values
-        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == total
-    }
-    notes = batcher.__dict__.setdefault(NOTE, {})
+        for value in (kwargs.get("attention_mask"), first_tensor(kwargs.get("encoder_outputs"))):
+            if isinstance(value, torch.Tensor):
+                _add_length(lengths, value.shape, total)
     notes[role] = frozenset(lengths)
     if role == "root" and not encoder_decoder:
         note_columns(notes, total, kwargs, first)
+
+
+def _add_length(lengths: set, shape: torch.Size, total: int) -> None:
+    """Add dim 1 of a tensor of ``shape`` to ``lengths`` if it is ``(total, length, ...)``."""
+    if len(shape) >= 2 and shape[0] == total:
+        lengths.add(shape[1])
 
 
 def note_columns(notes: dict, total: int, kwargs: dict, first: Any) -> None:
@@ -74,17 +101,29 @@ def note_columns(notes: dict, total: int, kwargs: dict, first: Any) -> None:
     pass spans every column so far (with a KV cache, the past ones too), and the
     pass's inputs are its last ``t`` columns.
     """
-    tokens = next((kwargs.get(key) for key in ("input_ids", "inputs_embeds") if isinstance(kwargs.get(key), torch.Tensor)), first)
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2 or tokens.shape[0] != total:
+    tokens = kwargs.get("input_ids")
+    if not isinstance(tokens, torch.Tensor):
+        tokens = kwargs.get("inputs_embeds")
+        if not isinstance(tokens, torch.Tensor):
+            tokens = first
+    if not isinstance(tokens, torch.Tensor):
         return
-    width = tokens.shape[1]
+    shape = tokens.shape
+    if len(shape) >= 2 and shape[0] == total:
+        _note_pass(notes, total, kwargs, shape[1])
+
+
+def _note_pass(notes: dict, total: int, kwargs: dict, width: int) -> None:
+    """`note_columns` once the pass's ``width`` (its tokens per row) is known."""
     mask = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == total:
-        start = mask.shape[1] - width
+    mask_shape = mask.shape if isinstance(mask, torch.Tensor) else ()
+    if len(mask_shape) == 2 and mask_shape[0] == total:
+        start = mask_shape[1] - width
     else:
         mask = None
         previous = notes.get("pass")
-        start = 0 if previous is None or width > sum(previous) - 1 else sum(previous)
+        end = None if previous is None else previous[0] + previous[1]  # where the previous pass ended
+        start = 0 if end is None or width > end - 1 else end
     if "prompt_mask" not in notes:
         notes["prompt_mask"] = (mask if mask is not None else torch.ones(total, width, dtype=torch.long)).detach().to("cpu")
         notes["generating"] = "logits_to_keep" in kwargs or "use_cache" in kwargs  # what `generate` passes
