@@ -48,6 +48,9 @@ def test_an_output_of_another_shape_is_refused(lora):
         lora.add_delta(torch.randn(2, 5, 96), torch.randn(2, 5, 32))
     with pytest.raises(ValueError, match="does not match the output"):
         lora.add_delta(torch.randn(2, 4, 128), torch.randn(2, 5, 32))
+    for tokens in (5, 200):  # a one-token delta would broadcast over the output's tokens (small and fused branch)
+        with pytest.raises(ValueError, match="does not match the output"):
+            lora.add_delta(torch.randn(2, tokens, 128), torch.randn(2, 1, 32))
 
 
 # Every branch of the delta against the arithmetic written out in plain torch.

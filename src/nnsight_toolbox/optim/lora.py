@@ -388,13 +388,28 @@ class LORA(Optimization):
             >>> torch.allclose(lora.add_delta(out, x, 0.5), out + lora.delta(x, 0.5))
             True
         """
+        # The usual case (one dtype, a small output, no dropout or bias) first, written out:
+        # this runs on every forward pass of every adapted module, and in batch-1 generation
+        # each method call or dtype read costs a few percent of the arithmetic. dtypes are
+        # singletons, so `is` compares them. Anything else, or an input of another width
+        # (the matmul raises), takes `_add_delta`, which converts or explains.
+        parameters = self._parameters
+        WA, WB = parameters.get("WA"), parameters.get("WB")
+        if WA is not None and WB is not None and x.dtype is WA.dtype and output.dtype is WA.dtype:
+            if not (self._has_bias or self.takes_ids or (self.dropout and self.training)) and output.numel() < FUSE_MIN_ELEMENTS:
+                try:
+                    delta = (x @ WA if alpha == 1.0 else (x @ WA) * alpha) @ WB
+                except RuntimeError:
+                    delta = None
+                if delta is not None and delta.shape == output.shape:
+                    return output + delta
+        return self._add_delta(output, x, alpha)
+
+    def _add_delta(self, output: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        """`add_delta` in general: mixed dtypes, the fused ``addmm``, dropout, a bias, token ids, and the errors."""
         if self._has_bias:
             return self._add_biased_delta(output, x, alpha)
         WA, WB = self._factors()
-        # `_down`'s usual case written out: this runs on every forward pass of every adapted
-        # module, and in batch-1 generation a method call, or reading a shape, costs a tenth
-        # of the arithmetic. An input of another width makes the matmul raise, and `_down`
-        # then raises the clear error.
         hidden = None
         if x.dtype == WA.dtype and not self.takes_ids and not (self.dropout and self.training):
             try:
