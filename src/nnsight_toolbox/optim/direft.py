@@ -9,6 +9,7 @@ up-projection has orthonormal columns (ReFT paper, Appendix C).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .loreft import ReftBase
 from .module_intervention import add_in_dtype
@@ -38,6 +39,11 @@ class DiReFT(ReftBase):
             >>> reft.intervene(torch.randn(1, 3, 32), None, 1.0).shape
             torch.Size([1, 3, 32])
         """
+        usual = self._usual_parts(output)
+        if usual is not None:  # `output` in the intervention's dtype, no dropout
+            Rt, W, b = usual
+            delta = F.linear(output, W, b) @ Rt.T
+            return output + delta if alpha == 1.0 else output + delta * alpha
         h, dh, Rt = self._parts(output)
         delta = self._source(dh) @ Rt.T  # (B, T, r) @ (r, d)
         return add_in_dtype(output, delta, alpha)

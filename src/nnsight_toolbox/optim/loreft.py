@@ -63,11 +63,15 @@ class OrthonormalColumns(torch.nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """``R^T``, (d, r)."""
-        generator, base = own_tensor(self, "generator"), own_tensor(self, "base")
+        # Read on every forward pass of the intervention: the tables are read directly (see `own_tensor`).
+        generator, base = self._parameters.get("generator"), self._buffers.get("base")
+        if generator is None or base is None:  # a parametrization computes it
+            generator, base = own_tensor(self, "generator"), own_tensor(self, "base")
         grad = torch.is_grad_enabled() and generator.requires_grad
         key = (generator._version, base._version, generator.data_ptr(), base.data_ptr())
-        if not grad and self._cached is not None and self._cached[0] == key:
-            return self._cached[1]
+        cached = self._cached
+        if not grad and cached is not None and cached[0] == key:
+            return cached[1]
         d, r = generator.shape
         lower = generator.tril()  # (d, r): torch's map reads the lower triangle only
         square = torch.cat([lower, lower.new_zeros(d, d - r)], dim=1)  # (d, d)
@@ -214,6 +218,22 @@ class ReftBase(ModuleIntervention):
             rotation.generator.zero_()  # exp(0) = I, so R^T = base[:, :r] exactly
         return None
 
+    def _usual_parts(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+        """``(R^T, W, b)`` when ``output`` needs nothing converted or dropped out, else ``None`` (then `_parts`).
+
+        The usual case of every forward pass, in one call: `_parts`, `_source` and
+        `add_in_dtype` cost a method call each, which in batch-1 generation is a
+        few percent of the formula. Checks the output's width either way.
+        """
+        if output.shape[-1] != self.output_dim:
+            raise self._width_error(output)
+        Rt = self._modules["rotate_layer"].weight  # (d, r)
+        parameters = self._modules["learned_source"]._parameters
+        W, b = parameters.get("weight"), parameters.get("bias")
+        if W is None or output.dtype is not Rt.dtype or (self.dropout and self.training):
+            return None
+        return Rt, W, b
+
     def _parts(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(h, dropout(h), R^T)`` in the intervention's dtype."""
         if output.shape[-1] != self.output_dim:
@@ -268,6 +288,11 @@ class LoReFT(ReftBase):
             >>> torch.equal(reft.intervene(h, None, 0.0), h)
             True
         """
+        usual = self._usual_parts(output)
+        if usual is not None:  # `output` in the intervention's dtype, no dropout
+            Rt, W, b = usual
+            delta = (F.linear(output, W, b) - output @ Rt) @ Rt.T
+            return output + delta if alpha == 1.0 else output + delta * alpha
         h, dh, Rt = self._parts(output)
         delta = (self._source(dh) - dh @ Rt) @ Rt.T  # ((B, T, r) - (B, T, d) @ (d, r)) @ (r, d)
         return add_in_dtype(output, delta, alpha)
