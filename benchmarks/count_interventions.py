@@ -14,9 +14,19 @@ Each intervention's per-call cost is its count minus the count of the same
 generation without it (``nnsight-base`` for the package, ``base`` for the hooks:
 nnsight's own per-module handoff is paid by any nnsight trace, so it is taken
 out), divided by the number of intervention calls. Before anything is counted,
-each variant's generated tokens must equal its hook's. Run by hand, never as a test::
+each variant's generated tokens must equal its hook's.
 
-    python benchmarks/count_interventions.py            # about 10 minutes on 2 cores
+A whole generation's count moves by about 0.2% between processes, a few thousand
+instructions per call, which is a tenth of a steering vector's hook. So each call
+is also counted alone (``isolated``): at the first generation step, the
+intervened module's call is repeated `ISOLATED_CALLS` times with the package's
+controller and with nnsight's own (the difference is the package's cost), and
+the raw module the same number of times with the hook and without. That figure
+leaves out what a pass or a run pays once (the root's note of each pass's
+sequence lengths, which `positions=` and a soft prompt need, the switch-on,
+the prefill), which the whole generation keeps. Run by hand, never as a test::
+
+    python benchmarks/count_interventions.py            # about 30 minutes on 2 cores
     python benchmarks/count_interventions.py --check    # no valgrind: only the agreement check
 
 One process does all the counting (import and model building happen once,
@@ -43,11 +53,13 @@ LAYERS, HIDDEN, VOCAB = 16, 64, 4096
 KINDS = ("lora", "steering", "loreft", "direft", "soft-prompt")
 #: The issue's bar: an intervention's per-call cost is at most this many times its hook's.
 BAR = 1.10
+#: Repeats of one module call per isolated count: the per-call figure's noise is that of one dump over this.
+ISOLATED_CALLS = 200
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--new-tokens", type=int, default=8, help="tokens each counted generate produces (default 8)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens each counted generate produces (default 32)")
     parser.add_argument("--check", action="store_true", help="only check that every variant generates what its hook does")
     parser.add_argument("--repeats", type=int, default=3, help="count each call this many times and keep the median (default 3)")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="the interventions to count (default: all)")
@@ -151,8 +163,11 @@ def hooked(hooks):
 # ---------------------------------------------------------------------------
 
 
-def calls_to_count(new_tokens: int, kinds: list[str] = KINDS):
-    """``{name: (callable, context)}`` for every counted generation, each checked against its hook first."""
+def calls_to_count(new_tokens: int, kinds: list[str] = KINDS, probes: dict | None = None):
+    """``{name: (callable, context, calls per pass)}`` for every counted generation, each checked against its hook first.
+
+    ``probes``, if given, receives ``{kind: (toolbox generate, hooks, root module)}`` for `count_isolated`.
+    """
     import torch
 
     from nnsight_toolbox.testing import save_tiny_model
@@ -194,7 +209,71 @@ def calls_to_count(new_tokens: int, kinds: list[str] = KINDS):
         if positions is not None:
             calls[f"{kind}:toolbox-positions"] = ((lambda s=switch_on, p=positions: nnsight_generate(s, p)), contextlib.nullcontext, per_pass)
         calls[f"{kind}:hook"] = (raw_generate, (lambda h=hooks: hooked(h)), per_pass)
+        if probes is not None:
+            probes[kind] = ((lambda s=switch_on: nnsight_generate(s)), hooks, model._module)
     return calls
+
+
+def count_isolated(kind: str, generate, hooks, root, dump, calls: int = ISOLATED_CALLS) -> None:
+    """Dump ``<kind>:isolated-<variant>@<round>`` counts of one module call, repeated ``calls`` times.
+
+    Variants: ``toolbox`` (the module's controller while the package's intervention
+    is live, at the first generation step), ``nnsight`` (nnsight's own controller
+    of the same module, same step), ``hook`` (the raw module with the hook, outside
+    nnsight) and ``raw`` (without). Where the root notes each pass's sequence
+    lengths (``positions=``, a soft prompt), ``note`` counts that note as many times:
+    a cost of each pass rather than of each module call. ``dump(name, call)`` counts ``call()``.
+    """
+    import torch
+
+    from nnsight_toolbox.optim.rows import NOTE, note_lengths
+
+    module, hook = hooks[0]
+    passes, step = [], {}
+
+    def note_at_first_step(root, args, kwargs):  # before the root's controller notes the pass itself
+        passes_of_root.append(None)
+        controller = root.__dict__["forward"]
+        if len(passes_of_root) != 2 or getattr(controller, "noting", None) is None:
+            return
+        batcher = controller.noting_for()
+        notes = batcher.__dict__[NOTE]
+        kept = dict(notes)  # each note chains on the previous pass's: put the run's own back after
+        dump(f"{kind}:isolated-note", lambda: _repeat(lambda _: note_lengths(batcher, controller.noting, args, kwargs, controller.encoder_decoder), None, calls))
+        notes.clear()
+        notes.update(kept)
+
+    passes_of_root: list = []
+
+    def at_first_step(module, args):  # a pre-hook: the package's controller is the module's forward now
+        passes.append(None)
+        if len(passes) != 2:  # pass 0 is the prompt, pass 1 the first generated token
+            return
+        controller, x = module.__dict__["forward"], args[0]
+        if not hasattr(controller, "inner"):
+            raise SystemExit(f"{kind}: the intervention is not live on the module's call at the first generation step.")
+        for name, forward in (("toolbox", controller), ("nnsight", controller.inner)):
+            dump(f"{kind}:isolated-{name}", lambda f=forward: _repeat(f, x, calls))
+        step["x"] = x
+
+    handles = [module.register_forward_pre_hook(at_first_step), root.register_forward_pre_hook(note_at_first_step, with_kwargs=True)]
+    try:
+        generate()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if "x" not in step:
+        raise SystemExit(f"{kind}: no generation step to count a call at; pass --new-tokens 2 or more.")
+    x = step["x"]
+    with torch.no_grad():
+        for name in ("hook", "raw"):
+            with hooked([(module, hook)] if name == "hook" else []):
+                dump(f"{kind}:isolated-{name}", lambda: _repeat(module, x, calls))
+
+
+def _repeat(call, x, times: int) -> None:
+    for _ in range(times):
+        call(x)
 
 
 def count_in_worker(prefix: Path, new_tokens: int, kinds: list[str], repeats: int) -> None:
@@ -202,7 +281,8 @@ def count_in_worker(prefix: Path, new_tokens: int, kinds: list[str], repeats: in
 
     from count import callgrind_control
 
-    calls = calls_to_count(new_tokens, kinds)
+    probes: dict = {}
+    calls = calls_to_count(new_tokens, kinds, probes)
     prefix.with_suffix(".json").write_text(json.dumps({name: per_pass for name, (_, _, per_pass) in calls.items()}))
     for call, context, _ in calls.values():  # uninstrumented warm-up
         with context():
@@ -218,6 +298,19 @@ def count_in_worker(prefix: Path, new_tokens: int, kinds: list[str], repeats: in
                     call()  # once instrumented, so that translating the code is not counted
                 sys.call_tracing(call, ())
             callgrind_control(f"--dump={name}@{repeat}")
+
+    for repeat in range(repeats):  # the isolated counts (see `count_isolated`), in rounds too
+        for kind, (generate, hooks, root) in probes.items():
+            count_isolated(kind, generate, hooks, root, lambda name, call, r=repeat: _dump(f"{name}@{r}", call))
+
+
+def _dump(name: str, call) -> None:
+    """Count ``call()`` as dump ``name``, after one uncounted run (the interpreter specialises code on its first runs)."""
+    from count import callgrind_control
+
+    call()
+    sys.call_tracing(call, ())
+    callgrind_control(f"--dump={name}")
 
 
 # ---------------------------------------------------------------------------
@@ -251,6 +344,8 @@ def records_of(counts: dict[str, int], per_pass: dict[str, int], new_tokens: int
             records.append(dict(measure="instructions", variant=name, instructions=instructions))
             continue
         kind, variant = name.split(":")
+        if variant.startswith("isolated-"):
+            continue
         base = counts["base" if variant == "hook" else "nnsight-base"]
         per_call = (instructions - base) / (per_pass[name] * new_tokens)
         records.append(dict(measure="instructions", kind=kind, variant=variant, instructions=instructions, per_call=round(per_call)))
@@ -261,7 +356,16 @@ def records_of(counts: dict[str, int], per_pass: dict[str, int], new_tokens: int
             if "toolbox-positions" in by_variant:
                 ratio["toolbox_positions"] = round(by_variant["toolbox-positions"] / by_variant["hook"], 3)
                 ratio["positions_extra_per_call"] = by_variant["toolbox-positions"] - by_variant["toolbox"]
-            ratio["within_bar"] = ratio["toolbox"] <= BAR
+            isolated = {v: counts.get(f"{kind}:isolated-{v}") for v in ("toolbox", "nnsight", "hook", "raw")}
+            if None not in isolated.values():
+                toolbox_call = (isolated["toolbox"] - isolated["nnsight"]) / ISOLATED_CALLS
+                note = counts.get(f"{kind}:isolated-note")
+                if note is not None:  # the root's note of the pass, shared by the modules of the pass
+                    toolbox_call += note / ISOLATED_CALLS / per_pass[f"{kind}:toolbox"]
+                    ratio["isolated_note_per_pass"] = round(note / ISOLATED_CALLS)
+                hook_call = (isolated["hook"] - isolated["raw"]) / ISOLATED_CALLS
+                ratio.update(isolated_toolbox=round(toolbox_call), isolated_hook=round(hook_call), isolated_ratio=round(toolbox_call / hook_call, 3))
+            ratio["within_bar"] = ratio["toolbox"] <= BAR and ratio.get("isolated_ratio", 0) <= BAR
             records.append(ratio)
     return records
 
@@ -273,8 +377,8 @@ def markdown(meta: dict, records: list[dict]) -> str:
         f"### Per-call cost of each intervention against a bare torch hook (instructions; `{meta['model']}`, "
         f"generate {meta['new_tokens']} tokens at batch 1)",
         "",
-        "| intervention | hook (k/call) | toolbox (k/call) | toolbox / hook | with `positions=` (k/call) | `positions=` extra (k/call) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| intervention | hook (k/call) | toolbox (k/call) | toolbox / hook | one call alone: hook, toolbox (k) | alone: toolbox / hook | with `positions=` (k/call) | `positions=` extra (k/call) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for kind in KINDS:
         if (kind, "hook") not in per_call:
@@ -284,7 +388,11 @@ def markdown(meta: dict, records: list[dict]) -> str:
         positioned = "-" if with_positions is None else f"{with_positions / 1e3:,.1f}"
         extra = "-" if with_positions is None else f"{ratio['positions_extra_per_call'] / 1e3:,.1f}"
         hook, toolbox = per_call[(kind, "hook")] / 1e3, per_call[(kind, "toolbox")] / 1e3
-        lines.append(f"| {kind} | {hook:,.1f} | {toolbox:,.1f} | {ratio['toolbox']:.3f}x | {positioned} | {extra} |")
+        alone, alone_ratio = "-", "-"
+        if "isolated_ratio" in ratio:
+            alone = f"{ratio['isolated_hook'] / 1e3:,.1f}, {ratio['isolated_toolbox'] / 1e3:,.1f}"
+            alone_ratio = f"{ratio['isolated_ratio']:.3f}x"
+        lines.append(f"| {kind} | {hook:,.1f} | {toolbox:,.1f} | {ratio['toolbox']:.3f}x | {alone} | {alone_ratio} | {positioned} | {extra} |")
     return "\n".join(lines)
 
 
