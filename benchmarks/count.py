@@ -2,7 +2,8 @@
 
 On a shared CPU one timed call varies by ±10-17%, which hides a difference of
 a few percent between this package and PEFT. An instruction count does not
-vary: two runs of the same call agree to parts per million. It is not a time
+move with the machine's load: counts of the same call differ by a few tenths of
+a percent at most (the allocator's and the interpreter's state). It is not a time
 (cache misses and memory stalls are not in it), so it answers one question
 well: what each variant adds in Python and dispatch work per module call. That
 is the whole cost where the arithmetic is small (narrow models, batch-1

@@ -16,7 +16,7 @@ nnsight's own per-module handoff is paid by any nnsight trace, so it is taken
 out), divided by the number of intervention calls. Before anything is counted,
 each variant's generated tokens must equal its hook's.
 
-A whole generation's count moves by about 0.2% between processes, a few thousand
+A whole generation's count moves by up to about 0.4% between processes, a few thousand
 instructions per call, which is a tenth of a steering vector's hook. So each call
 is also counted alone (``isolated``): at the first generation step, the
 intervened module's call is repeated `ISOLATED_CALLS` times with the package's
