@@ -368,6 +368,28 @@ def test_dropout_applies_in_training_mode_only(gpt2, cls):
     assert torch.equal(ours.eval().intervene(h, None, 1.0), plain.eval().intervene(h, None, 1.0))
 
 
+@pytest.mark.parametrize("name", ["weight", "bias"])
+@pytest.mark.parametrize("cls", [LoReFT, DiReFT], ids=lambda c: c.__name__)
+def test_a_parametrized_source_tensor_is_used_as_parametrized(gpt2, cls, name):
+    """`torch.nn.utils.parametrize` moves W or b out of the parameter table; the formula still reads its value."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, tensor):
+            return tensor * 2
+
+    ours, _ = built(gpt2, cls)
+    h = torch.randn(2, 3, 32)
+    source = ours.learned_source
+    with torch.no_grad():
+        getattr(source, name).add_(1.0)  # a bias of zeros doubles to the same zeros
+        expected = ours.intervene(h, None, 1.0)  # (pyreft's formula on these tensors: test_trace_logits_equal_the_reference)
+        getattr(source, name).mul_(0.5)
+    parametrize.register_parametrization(source, name, Doubled())  # the same tensor again, computed
+    with torch.no_grad():
+        torch.testing.assert_close(ours.intervene(h, None, 1.0), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.__name__)
 def test_every_dtype_builds_and_trains(gpt2, cls, dtype):

@@ -230,8 +230,8 @@ class ReftBase(ModuleIntervention):
         Rt = self._modules["rotate_layer"].weight  # (d, r)
         parameters = self._modules["learned_source"]._parameters
         W, b = parameters.get("weight"), parameters.get("bias")
-        if W is None or output.dtype is not Rt.dtype or (self.dropout and self.training):
-            return None
+        if W is None or b is None or output.dtype is not Rt.dtype or (self.dropout and self.training):
+            return None  # a parametrized W or b is not in the table: `_source` computes it
         return Rt, W, b
 
     def _parts(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
