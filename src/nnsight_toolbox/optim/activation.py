@@ -75,7 +75,7 @@ class Activation:
     worker when the run ends (`Interleaver.cancel`).
     """
 
-    __slots__ = ("_adapter", "alpha", "steps", "positions", "rows", "plain", "chosen", "mediator", "worker", "root_input", "calls", "calls_pass")
+    __slots__ = ("_adapter", "alpha", "steps", "positions", "rows", "plain", "mediator", "worker", "root_input", "calls", "calls_pass")
 
     def __init__(
         self, adapter: Any, alpha: float, steps: Any, mediator: "Mediator", root_input: str, positions: PositionSpec | None = None, rows: list | None = None
@@ -91,7 +91,6 @@ class Activation:
         # run, since nnsight batches every invoke before the model runs.
         self.rows = rows
         self.plain = rows is None and positions is None  # the whole batch, every token: no narrowing
-        self.chosen: tuple | None = None  # (pass note, device, `_chosen_tokens`' answer) for the pass last seen
         self.mediator = weakref.ref(mediator)
         self.worker = weakref.ref(worker)
         self.root_input = root_input  # the root module's input location, to count passes
@@ -271,7 +270,7 @@ def add_deltas(
             cloned = False  # a fresh tensor now, which a formula's backward may keep: clone before writing rows into it
             continue
         start, size = rows if rows is not None else (0, batcher.total)
-        chosen = True if spec is None else _chosen_tokens(activation, start, size, target.device, batcher, controller)
+        chosen = True if spec is None else _chosen_tokens(spec, start, size, target.device, batcher, controller)
         if chosen is False:
             continue  # none of this pass's tokens (a generation step before or after the chosen ones)
         if rows is None and chosen is True and not getattr(adapter, "reads_positions", False):  # every token of every row
@@ -324,21 +323,16 @@ def _row_spans(output: torch.Tensor, x: Any, batcher: Any, controller: AdapterCo
     return out_span, in_span
 
 
-def _chosen_tokens(activation: Activation, start: int, size: int, device: torch.device, batcher: Any, controller: AdapterController) -> bool | torch.Tensor:
-    """Which tokens of rows ``[start, start + size)`` of this pass the activation's ``positions=`` picks: all (``True``), none (``False``), or a ``(size, width)`` mask.
+def _chosen_tokens(spec: PositionSpec, start: int, size: int, device: torch.device, batcher: Any, controller: AdapterController) -> bool | torch.Tensor:
+    """Which tokens of rows ``[start, start + size)`` of this pass ``spec`` picks: all (``True``), none (``False``), or a ``(size, width)`` mask.
 
     Worked out once per pass, rows and ``positions=``, and shared by every
-    module of the pass; the activation keeps its answer for the pass, which the
-    root notes afresh at each one. A pass where it picks every token or none
-    (each generation step, for most choices) then costs the adapted modules no
-    index operation at all, and no more Python than a few attribute reads.
+    module of the pass. A pass where it picks every token or none (each
+    generation step, for most choices) then costs the adapted modules no index
+    operation at all, and no more Python than a few dictionary reads.
     """
     notes = batcher.__dict__.get(NOTE) or {}
-    current = notes.get("pass")  # a new tuple at each pass (`rows.note_columns`)
-    kept = activation.chosen
-    if kept is not None and kept[0] is current and kept[1] == device:
-        return kept[2]
-    spec = activation.positions
+    current = notes.get("pass")
     if current is None:
         raise ValueError(
             f"`positions={spec.text}` on `{controller.path}`: the token positions of this pass are "
@@ -351,19 +345,19 @@ def _chosen_tokens(activation: Activation, start: int, size: int, device: torch.
     chosen = masks.get(key)
     if chosen is None:
         chosen = masks[key] = _pass_mask(spec, notes, pass_start, width, start, size, device, controller.path)
-    activation.chosen = (current, device, chosen)
     return chosen
 
 
 def _pass_mask(spec: PositionSpec, notes: dict, pass_start: int, width: int, start: int, size: int, device: torch.device, path: str) -> bool | torch.Tensor:
     """`_chosen_tokens`' answer, worked out: in plain Python for a small pass whose positions follow from the rows' lengths, else with `position_mask`."""
-    prompt_mask, generating = notes["prompt_mask"], notes.get("generating", False)
+    generating = notes.get("generating", False)
     if size * width <= PYTHON_MASK_TOKENS:
-        lengths, left_padded = _prompt_shape(notes)
-        picked = python_mask(spec, lengths[start : start + size], prompt_mask.shape[1], pass_start, width, generating, left_padded)
+        lengths, left_padded, prompt_width = _prompt_shape(notes)
+        picked = python_mask(spec, lengths[start : start + size], prompt_width, pass_start, width, generating, left_padded)
         if picked is not None:
-            flat = [token for row in picked for token in row]
-            return True if all(flat) else False if not any(flat) else torch.tensor(picked, device=device)
+            count = sum(map(sum, picked))  # tokens picked
+            return True if count == size * width else False if count == 0 else torch.tensor(picked, device=device)
+    prompt_mask = notes["prompt_mask"]
     columns = _pass_columns(notes, pass_start, width, start, size)
     mask = position_mask(spec, prompt_mask[start : start + size], pass_start, width, generating, path, position=columns)
     return True if bool(mask.all()) else False if not bool(mask.any()) else mask.to(device)
@@ -376,28 +370,28 @@ def _pass_columns(notes: dict, pass_start: int, width: int, start: int, size: in
     columns = cached.get(key)
     if columns is None:
         prompt_mask = notes["prompt_mask"]
-        lengths, left_padded = _prompt_shape(notes)
-        if size * width <= PYTHON_MASK_TOKENS and (left_padded or pass_start >= prompt_mask.shape[1]):
-            columns = torch.tensor(python_columns(lengths[start : start + size], prompt_mask.shape[1], pass_start, width))
+        lengths, left_padded, prompt_width = _prompt_shape(notes)
+        if size * width <= PYTHON_MASK_TOKENS and (left_padded or pass_start >= prompt_width):
+            columns = torch.tensor(python_columns(lengths[start : start + size], prompt_width, pass_start, width))
         else:
             columns = column_positions(prompt_mask[start : start + size], pass_start, width)
         cached[key] = columns
     return columns
 
 
-def _prompt_shape(notes: dict) -> tuple[list[int], bool]:
-    """Each row's real prompt tokens, and whether the prompt is left-padded (see `python_mask`); once per run."""
+def _prompt_shape(notes: dict) -> tuple[list[int], bool, int]:
+    """Each row's real prompt tokens, whether the prompt is left-padded (see `python_mask`), and its width; once per run."""
     shape = notes.get("prompt_shape")
     if shape is None:
         mask = notes["prompt_mask"]
         if mask.numel() <= PYTHON_MASK_TOKENS:  # a small prompt: one conversion, then plain Python
             rows = mask.tolist()
             left_padded = all(value in (0, 1) for row in rows for value in row) and all(row == sorted(row) for row in rows)
-            shape = ([int(sum(row)) for row in rows], left_padded)
+            shape = ([int(sum(row)) for row in rows], left_padded, mask.shape[1])
         else:
             mask = mask.to(torch.long)
             left_padded = bool(((mask == 0) | (mask == 1)).all()) and bool((mask[:, 1:] >= mask[:, :-1]).all())
-            shape = (mask.sum(1).tolist(), left_padded)
+            shape = (mask.sum(1).tolist(), left_padded, mask.shape[1])
         notes["prompt_shape"] = shape
     return shape
 
@@ -602,7 +596,7 @@ def _switch_on(
         other = activation.live_mediator(interleaver)
         if other is mediator:
             activation.alpha, activation.steps, activation.positions = alpha, steps, positions
-            activation.plain, activation.chosen = activation.rows is None and positions is None, None
+            activation.plain = activation.rows is None and positions is None
             _count_repeat_call(activation, mediator, path)
             return False
         other_rows = other.batch_group if rows is not None else None

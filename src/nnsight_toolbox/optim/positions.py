@@ -171,13 +171,21 @@ def python_mask(
     if start < prompt_width and not left_padded:
         return None
     rows = []
+    ints = spec.ints  # sorted
     for length in lengths:
         first = start - (prompt_width - length)  # the position of column `start` in this row; negative on padding
-        if spec.ints is not None:
-            wanted = {p + length if p < 0 else p for p in spec.ints}
-            if min(wanted) < 0 or (not generating and max(wanted) >= length):
+        if ints is not None:
+            if ints[0] >= 0:  # no position counted from the end: the same for every row
+                wanted, low, high = ints, ints[0], ints[-1]
+            else:
+                wanted = {p + length if p < 0 else p for p in ints}
+                low, high = min(wanted), max(wanted)
+            if low < 0 or (not generating and high >= length):
                 return None
-            rows.append([first + i in wanted for i in range(width)])
+            if first > high or first + width <= low:  # none of them in this pass (a soft prompt's generation steps)
+                rows.append([False] * width)
+            else:
+                rows.append([first + i in wanted for i in range(width)])
         else:
             low = 0 if spec.start is None else max(length + spec.start if spec.start < 0 else spec.start, 0)
             high = math.inf if spec.stop is None else max(length + spec.stop if spec.stop < 0 else spec.stop, 0)
