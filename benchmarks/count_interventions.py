@@ -21,10 +21,9 @@ instructions per call, which is a tenth of a steering vector's hook. So each cal
 is also counted alone (``isolated``): at the first generation step, the
 intervened module's call is repeated `ISOLATED_CALLS` times with the package's
 controller and with nnsight's own (the difference is the package's cost), and
-the raw module the same number of times with the hook and without. That figure
-leaves out what a pass or a run pays once (the root's note of each pass's
-sequence lengths, which `positions=` and a soft prompt need, the switch-on,
-the prefill), which the whole generation keeps. Run by hand, never as a test::
+the raw module the same number of times with the hook and without. Where the
+root notes each pass (a soft prompt), each repeat is a pass: that note, then the
+call. The switch-on and the prefill are left out; the whole generation keeps them. Run by hand, never as a test::
 
     python benchmarks/count_interventions.py            # about 30 minutes on 2 cores
     python benchmarks/count_interventions.py --check    # no valgrind: only the agreement check
@@ -221,42 +220,51 @@ def count_isolated(kind: str, generate, hooks, root, dump, calls: int = ISOLATED
     is live, at the first generation step), ``nnsight`` (nnsight's own controller
     of the same module, same step), ``hook`` (the raw module with the hook, outside
     nnsight) and ``raw`` (without). Where the root notes each pass's sequence
-    lengths (``positions=``, a soft prompt), ``note`` counts that note as many times:
-    a cost of each pass rather than of each module call. ``dump(name, call)`` counts ``call()``.
+    lengths (``positions=``, a soft prompt), each ``toolbox`` repeat is a pass of
+    its own: the root's note of it (each note moves on to the next pass, so the
+    pass's choice of tokens is worked out afresh), then the call. ``dump(name, call)`` counts ``call()``.
     """
     import torch
 
     from nnsight_toolbox.optim.rows import NOTE, note_lengths
 
     module, hook = hooks[0]
-    passes, step = [], {}
+    step: dict = {"module": 0, "root": 0}
 
-    def note_at_first_step(root, args, kwargs):  # before the root's controller notes the pass itself
-        passes_of_root.append(None)
+    def root_at_first_step(root, args, kwargs):  # a pre-hook: runs before the root's controller notes the pass
+        step["root"] += 1
         controller = root.__dict__["forward"]
-        if len(passes_of_root) != 2 or getattr(controller, "noting", None) is None:
-            return
-        batcher = controller.noting_for()
-        notes = batcher.__dict__[NOTE]
-        kept = dict(notes)  # each note chains on the previous pass's: put the run's own back after
-        dump(f"{kind}:isolated-note", lambda: _repeat(lambda _: note_lengths(batcher, controller.noting, args, kwargs, controller.encoder_decoder), None, calls))
-        notes.clear()
-        notes.update(kept)
-
-    passes_of_root: list = []
+        if step["root"] == 2 and getattr(controller, "noting", None) is not None:
+            batcher = controller.noting_for()
+            step["note"] = lambda: note_lengths(batcher, controller.noting, args, kwargs, controller.encoder_decoder)
+            step["notes"] = batcher.__dict__[NOTE]
 
     def at_first_step(module, args):  # a pre-hook: the package's controller is the module's forward now
-        passes.append(None)
-        if len(passes) != 2:  # pass 0 is the prompt, pass 1 the first generated token
+        step["module"] += 1
+        if step["module"] != 2:  # pass 0 is the prompt, pass 1 the first generated token
             return
         controller, x = module.__dict__["forward"], args[0]
         if not hasattr(controller, "inner"):
             raise SystemExit(f"{kind}: the intervention is not live on the module's call at the first generation step.")
-        for name, forward in (("toolbox", controller), ("nnsight", controller.inner)):
-            dump(f"{kind}:isolated-{name}", lambda f=forward: _repeat(f, x, calls))
+        note = step.get("note")
+        if note is None:
+            toolbox = lambda: _repeat(controller, x, calls)  # noqa: E731
+        else:
+            kept = dict(step["notes"])  # the run's own notes, put back after
+
+            def toolbox():
+                for _ in range(calls):
+                    note()
+                    controller(x)
+
+        dump(f"{kind}:isolated-toolbox", toolbox)
+        dump(f"{kind}:isolated-nnsight", lambda: _repeat(controller.inner, x, calls))
+        if note is not None:
+            step["notes"].clear()
+            step["notes"].update(kept)
         step["x"] = x
 
-    handles = [module.register_forward_pre_hook(at_first_step), root.register_forward_pre_hook(note_at_first_step, with_kwargs=True)]
+    handles = [module.register_forward_pre_hook(at_first_step), root.register_forward_pre_hook(root_at_first_step, with_kwargs=True)]
     try:
         generate()
     finally:
@@ -359,10 +367,6 @@ def records_of(counts: dict[str, int], per_pass: dict[str, int], new_tokens: int
             isolated = {v: counts.get(f"{kind}:isolated-{v}") for v in ("toolbox", "nnsight", "hook", "raw")}
             if None not in isolated.values():
                 toolbox_call = (isolated["toolbox"] - isolated["nnsight"]) / ISOLATED_CALLS
-                note = counts.get(f"{kind}:isolated-note")
-                if note is not None:  # the root's note of the pass, shared by the modules of the pass
-                    toolbox_call += note / ISOLATED_CALLS / per_pass[f"{kind}:toolbox"]
-                    ratio["isolated_note_per_pass"] = round(note / ISOLATED_CALLS)
                 hook_call = (isolated["hook"] - isolated["raw"]) / ISOLATED_CALLS
                 ratio.update(isolated_toolbox=round(toolbox_call), isolated_hook=round(hook_call), isolated_ratio=round(toolbox_call / hook_call, 3))
             ratio["within_bar"] = ratio["toolbox"] <= BAR and ratio.get("isolated_ratio", 0) <= BAR

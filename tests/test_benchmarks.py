@@ -234,23 +234,21 @@ def test_count_interventions_keeps_the_median_round_of_each_call():
     assert count_interventions.median_counts(dumps) == {"base": 91, "lora:hook": 160}
 
 
-def test_count_interventions_counts_one_call_alone_with_its_passs_note():
-    """The isolated figure: the package's controller over nnsight's, and the hooked raw module over the raw one,
-    per repeated call; the root's note of a pass is charged to that pass's calls."""
+def test_count_interventions_counts_one_call_alone():
+    """The isolated figure: the package's controller over nnsight's, and the hooked raw module over the raw one, per repeated call."""
     sys.path.insert(0, str(BENCHMARKS))
     import count_interventions
 
     calls = count_interventions.ISOLATED_CALLS
     counts = {
         "base": 1000, "nnsight-base": 2000, "soft-prompt:hook": 1000 + 4 * 10, "soft-prompt:toolbox": 2000 + 4 * 20,
-        "soft-prompt:isolated-toolbox": 5000 + calls * 11, "soft-prompt:isolated-nnsight": 5000,
+        "soft-prompt:isolated-toolbox": 5000 + calls * 15, "soft-prompt:isolated-nnsight": 5000,
         "soft-prompt:isolated-hook": 3000 + calls * 10, "soft-prompt:isolated-raw": 3000,
-        "soft-prompt:isolated-note": calls * 4,
     }  # fmt: skip
     per_pass = {"soft-prompt:hook": 1, "soft-prompt:toolbox": 1}
     records = count_interventions.records_of(counts, per_pass, new_tokens=4)
     ratio = next(r for r in records if r["measure"] == "ratio_to_hook")
-    assert (ratio["isolated_toolbox"], ratio["isolated_hook"], ratio["isolated_note_per_pass"]) == (15, 10, 4)
-    assert ratio["isolated_ratio"] == 1.5 and ratio["within_bar"] is False
+    assert (ratio["isolated_toolbox"], ratio["isolated_hook"], ratio["isolated_ratio"]) == (15, 10, 1.5)
+    assert ratio["within_bar"] is False
     assert not any(r.get("variant", "").startswith("isolated") for r in records)  # not whole generations
     assert "| 1.500x |" in count_interventions.markdown({"model": "m", "new_tokens": 4}, records)
