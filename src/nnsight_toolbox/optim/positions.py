@@ -40,10 +40,11 @@ class PositionSpec:
     A plain class, not a dataclass: the package ships to remote servers as source.
     """
 
-    __slots__ = ("ints", "start", "stop", "step", "text")
+    __slots__ = ("ints", "int_set", "start", "stop", "step", "text")
 
     def __init__(self, ints: "tuple[int, ...] | None", start: int | None, stop: int | None, step: int, text: str) -> None:
         self.ints, self.start, self.stop, self.step, self.text = ints, start, stop, step, text
+        self.int_set = None if ints is None else frozenset(ints)  # for membership tests, made once
 
 
 def normalize_positions(positions: Any) -> PositionSpec | None:
@@ -172,12 +173,13 @@ def python_mask(
         return None
     rows = []
     ints = spec.ints  # sorted
+    same_for_every_row = ints is not None and ints[0] >= 0  # no position counted from the end
+    if same_for_every_row:
+        wanted, low, high = spec.int_set, ints[0], ints[-1]
     for length in lengths:
         first = start - (prompt_width - length)  # the position of column `start` in this row; negative on padding
         if ints is not None:
-            if ints[0] >= 0:  # no position counted from the end: the same for every row
-                wanted, low, high = ints, ints[0], ints[-1]
-            else:
+            if not same_for_every_row:
                 wanted = {p + length if p < 0 else p for p in ints}
                 low, high = min(wanted), max(wanted)
             if low < 0 or (not generating and high >= length):
