@@ -93,6 +93,22 @@ def test_greedy_generation_with_the_cache_equals_the_hook(gpt2, positions):
     assert torch.equal(ids, expected)
 
 
+@pytest.mark.parametrize("first, last", [(None, -1), (-1, None)], ids=["every token, then the last", "the last, then every token"])
+def test_a_repeat_call_in_the_same_invoke_replaces_the_positions(gpt2, first, last):
+    """The invoke's last call wins, both ways: a call with `positions=` narrows a plain one, and a plain one widens it."""
+    lora = lora_on(gpt2)
+    batch = left_padded(gpt2, PROMPTS)
+    with gpt2.trace(PROMPTS):
+        lora(positions=first)
+        lora(positions=last)
+        ours = gpt2.lm_head.output.save()
+    spec = EVERY if last is None else last
+    with torch.no_grad(), positioned_hook(gpt2._module.get_submodule(MLP), lora_formula(lora), batch["attention_mask"], [spec] * 3):
+        expected = raw_logits(gpt2, batch)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], expected[real])
+
+
 def test_two_invokes_with_different_positions(gpt2):
     """Rows 0-1 (one invoke) at the first token, row 2 (another) at the last two; per row, in one batch."""
     lora = lora_on(gpt2)

@@ -84,17 +84,21 @@ class Activation:
         worker = mediator.worker
         kept = worker.__dict__.setdefault("nnsight_toolbox_adapters", [])  # greenlets take attributes
         kept.append(adapter)
-        self.alpha = alpha
-        self.steps = steps  # None (every pass) or a container of pass indices
-        self.positions = positions  # None (every token) or the tokens of each row to act on
         # The invoke's rows [start, size] of the run's batch, None for all of it: fixed for the
         # run, since nnsight batches every invoke before the model runs.
         self.rows = rows
-        self.plain = rows is None and positions is None  # the whole batch, every token: no narrowing
+        self.update(alpha, steps, positions)
         self.mediator = weakref.ref(mediator)
         self.worker = weakref.ref(worker)
         self.root_input = root_input  # the root module's input location, to count passes
         self.calls, self.calls_pass = 1, None  # repeat calls within one pass (see `MAX_CALLS_PER_PASS`)
+
+    def update(self, alpha: float, steps: Any, positions: PositionSpec | None) -> None:
+        """Set the options of the call that switched it on (a repeat call from the same invoke sets them anew)."""
+        self.alpha = alpha
+        self.steps = steps  # None (every pass) or a container of pass indices
+        self.positions = positions  # None (every token) or the tokens of each row to act on
+        self.plain = self.rows is None and positions is None  # the whole batch, every token: nothing to narrow
 
     @property
     def adapter(self) -> Any:
@@ -265,7 +269,7 @@ def add_deltas(
     for activation in live:
         adapter, alpha, spec = activation._adapter(), activation.alpha, activation.positions  # the run holds the adapter
         rows = activation.rows  # [start, size], None: all
-        if rows is None and spec is None:
+        if activation.plain:
             adapted = adapter.intervene(adapted, x, alpha)
             cloned = False  # a fresh tensor now, which a formula's backward may keep: clone before writing rows into it
             continue
@@ -595,8 +599,7 @@ def _switch_on(
             continue
         other = activation.live_mediator(interleaver)
         if other is mediator:
-            activation.alpha, activation.steps, activation.positions = alpha, steps, positions
-            activation.plain = activation.rows is None and positions is None
+            activation.update(alpha, steps, positions)
             _count_repeat_call(activation, mediator, path)
             return False
         other_rows = other.batch_group if rows is not None else None

@@ -410,21 +410,14 @@ class LORA(Optimization):
         if self._has_bias:
             return self._add_biased_delta(output, x, alpha)
         WA, WB = self._factors()
-        hidden = None
-        if x.dtype == WA.dtype and not self.takes_ids and not (self.dropout and self.training):
-            try:
-                hidden = x @ WA  # (..., r)
-            except RuntimeError:
-                pass
-        if hidden is None:
-            hidden = self._down(x, WA)
+        hidden = self._down(x, WA)  # (..., r)
         if output.dtype == WB.dtype and output.numel() >= FUSE_MIN_ELEMENTS:
             if output.shape[:-1] != hidden.shape[:-1] or output.shape[-1] != WB.shape[1]:
                 raise self._mismatch(output, hidden.shape[:-1])
             # (N, out) + alpha * (N, r) @ (r, out): BLAS adds the product to `output` in the same pass
             flat = torch.addmm(output.reshape(-1, WB.shape[1]), hidden.reshape(-1, self.r), WB, alpha=alpha)
             return flat.view_as(output)
-        delta = (hidden if alpha == 1.0 else hidden * alpha) @ WB  # `_up`, in the adapter's dtype
+        delta = self._up(hidden, WB, alpha)  # in the adapter's dtype
         if delta.shape != output.shape:
             raise self._mismatch(output, delta.shape[:-1])
         if output.dtype == delta.dtype:
