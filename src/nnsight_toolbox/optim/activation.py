@@ -48,7 +48,8 @@ from nnsight.intervention.util import first_input
 
 from .dims import first_tensor
 from .positions import PYTHON_MASK_TOKENS, PositionSpec, column_positions, position_mask, python_columns, python_mask
-from .rows import NOTE, layout_error, note_lengths, pass_lengths, row_span
+from .rows import NOTE, layout_error, note_lengths, pass_lengths, prompt_shape, row_span
+from .standby import STANDBY, Standby
 
 if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
@@ -149,24 +150,30 @@ class AdapterController(Controller):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         state = self.state
-        module = self.module_ref()
         interleaver, _, locations = state.active()
+        noted = False  # the root (or encoder) of a run with row-scoped or positioned adapters: it notes this pass
         if self.noting is not None and interleaver is not None:
             batcher = interleaver.batcher
             if batcher is not None and self.noting_for() is batcher:
-                note_lengths(batcher, self.noting, args, kwargs, self.encoder_decoder)
-                if not self.activations:  # the root, noting for adapters elsewhere: nothing to retire
-                    return self.inner(*args, **kwargs)
-        live = self.live(interleaver) if interleaver is not None else []
-        if not live:
+                notes = note_lengths(batcher, self.noting, args, kwargs, self.encoder_decoder)
+                standby = notes.get(STANDBY)
+                if standby is not None:  # `positions=` in this run: modules whose tokens are all behind rest (see `standby`)
+                    standby.review(notes, interleaver)
+                noted = True
+        live = self.live(interleaver) if interleaver is not None and self.activations else []
+        if not live and not noted:
             self.retire_if_idle(interleaver)
             return self.inner(*args, **kwargs)
+        # nnsight's four steps (`Controller.__call__`), written out so that the root's
+        # note costs one call, not two; the deltas ride between the body and the output handoff.
         handle = interleaver.handle
         args, kwargs = handle(locations[0], (args, kwargs))
         skipped = handle(locations[1], NO_SKIP)
         if skipped is not NO_SKIP:  # a skipped module has no body for a delta to ride on
             return handle(locations[2], _as_fragment(interleaver, locations[2], skipped))
-        output = run_body(state, module, args, kwargs)
+        output = run_body(state, self.module_ref(), args, kwargs)
+        if not live:
+            return handle(locations[2], output)
         x = first_input(args, kwargs)
         if len(live) == 1 and type(output) is torch.Tensor and type(x) is torch.Tensor:
             activation = live[0]
@@ -356,7 +363,7 @@ def _pass_mask(spec: PositionSpec, notes: dict, pass_start: int, width: int, sta
     """`_chosen_tokens`' answer, worked out: in plain Python for a small pass whose positions follow from the rows' lengths, else with `position_mask`."""
     generating = notes.get("generating", False)
     if size * width <= PYTHON_MASK_TOKENS:
-        lengths, left_padded, prompt_width = _prompt_shape(notes)
+        lengths, left_padded, prompt_width = prompt_shape(notes)
         picked = python_mask(spec, lengths[start : start + size], prompt_width, pass_start, width, generating, left_padded)
         if picked is not None:
             count = sum(map(sum, picked))  # tokens picked
@@ -374,30 +381,13 @@ def _pass_columns(notes: dict, pass_start: int, width: int, start: int, size: in
     columns = cached.get(key)
     if columns is None:
         prompt_mask = notes["prompt_mask"]
-        lengths, left_padded, prompt_width = _prompt_shape(notes)
+        lengths, left_padded, prompt_width = prompt_shape(notes)
         if size * width <= PYTHON_MASK_TOKENS and (left_padded or pass_start >= prompt_width):
             columns = torch.tensor(python_columns(lengths[start : start + size], prompt_width, pass_start, width))
         else:
             columns = column_positions(prompt_mask[start : start + size], pass_start, width)
         cached[key] = columns
     return columns
-
-
-def _prompt_shape(notes: dict) -> tuple[list[int], bool, int]:
-    """Each row's real prompt tokens, whether the prompt is left-padded (see `python_mask`), and its width; once per run."""
-    shape = notes.get("prompt_shape")
-    if shape is None:
-        mask = notes["prompt_mask"]
-        if mask.numel() <= PYTHON_MASK_TOKENS:  # a small prompt: one conversion, then plain Python
-            rows = mask.tolist()
-            left_padded = all(value in (0, 1) for row in rows for value in row) and all(row == sorted(row) for row in rows)
-            shape = ([int(sum(row)) for row in rows], left_padded, mask.shape[1])
-        else:
-            mask = mask.to(torch.long)
-            left_padded = bool(((mask == 0) | (mask == 1)).all()) and bool((mask[:, 1:] >= mask[:, :-1]).all())
-            shape = (mask.sum(1).tolist(), left_padded, mask.shape[1])
-        notes["prompt_shape"] = shape
-    return shape
 
 
 def _mask_shape(original: torch.Tensor, spec: PositionSpec, size: int, span: int, batcher: Any, controller: AdapterController) -> tuple[int, ...]:
@@ -550,7 +540,10 @@ def activate_many(
             _note_lengths_of_run(envoy, interleaver)
             noted = True
         controller = _adapter_controller(envoy)
-        if _switch_on(controller, adapter, alpha, steps, mediator, rows, root_input, envoy.path, positions) and passes:
+        is_new = _switch_on(controller, adapter, alpha, steps, mediator, rows, root_input, envoy.path, positions)
+        if positions is not None:
+            Standby.of(interleaver.batcher.__dict__.setdefault(NOTE, {})).enrol(controller)
+        if is_new and passes:
             if mediator.occurrence(f"{envoy.path}.input") >= passes:
                 warnings.warn(
                     f"`{what}` was called after `{envoy.path}` had already run in this forward "
@@ -567,6 +560,11 @@ def _adapter_controller(envoy: "Envoy") -> AdapterController:
     controller = set_aside_other_copies(module.__dict__.get("forward"))
     if isinstance(controller, AdapterController):
         return controller
+    batcher = envoy.interleaver.batcher
+    standby = (batcher.__dict__.get(NOTE) or {}).get(STANDBY) if batcher is not None else None
+    resting = standby.wake(module) if standby is not None else None
+    if resting is not None:  # resting in this run (see `standby`): its activations come back with it
+        return resting
     if not isinstance(controller, Controller):
         raise RuntimeError(
             f"`{envoy.path}` has no nnsight controller as its forward (found "

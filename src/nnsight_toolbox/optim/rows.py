@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .dims import first_tensor
+from .positions import PYTHON_MASK_TOKENS
 
 #: Root-module inputs whose dim 1 is a sequence length of the pass.
 SEQUENCE_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
@@ -37,36 +38,32 @@ SEQUENCE_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_i
 NOTE = "nnsight_toolbox_lengths"
 
 
-def note_lengths(batcher: Any, role: str, args: tuple, kwargs: dict, encoder_decoder: bool) -> None:
-    """Record on ``batcher`` the sequence lengths a forward of the root (or the encoder) carries.
+def note_lengths(batcher: Any, role: str, args: tuple, kwargs: dict, encoder_decoder: bool) -> dict:
+    """Record on ``batcher`` the sequence lengths a forward of the root (or the encoder) carries; return the run's notes.
 
     ``role`` is ``"root"`` or ``"encoder"``; each call replaces that role's note, so
     the root's note is always that of the pass now running (each generation step
     is a new pass with its own lengths: 1 with a KV cache, the whole sequence without).
     """
     # This runs at the start of every forward pass (every generation step), and for a soft
-    # prompt it was most of what a step cost: the usual pass first, then the general one
+    # prompt it is most of what a step costs: the usual pass first, then the general one
     # with its loops written out and each shape read once.
     total = batcher.total
     notes = batcher.__dict__.get(NOTE)
     if notes is None:
         notes = batcher.__dict__[NOTE] = {}
     ids = kwargs.get("input_ids")
-    if not args and not encoder_decoder and type(ids) is torch.Tensor:
+    if not args and not encoder_decoder and type(ids) is torch.Tensor and kwargs.get("inputs_embeds") is None:
         # Token ids by keyword, as `generate` and a tokenized prompt pass them, and no other
-        # sequence input: the general path below would find this one length alone.
+        # sequence input (a decoder-only model takes no decoder inputs): the general path
+        # below would find this one length alone.
         shape = ids.shape
-        if (
-            len(shape) == 2
-            and shape[0] == total
-            and kwargs.get("inputs_embeds") is None
-            and kwargs.get("decoder_input_ids") is None
-            and kwargs.get("decoder_inputs_embeds") is None
-        ):
-            notes[role] = frozenset((shape[1],))
+        if len(shape) == 2 and shape[0] == total:
+            width = shape[1]
+            notes[role] = frozenset((width,))
             if role == "root":
-                _note_pass(notes, total, kwargs, shape[1])
-            return
+                _note_pass(notes, total, kwargs, width)
+            return notes
     lengths = set()
     for key in SEQUENCE_INPUTS:
         value = kwargs.get(key)
@@ -86,6 +83,7 @@ def note_lengths(batcher: Any, role: str, args: tuple, kwargs: dict, encoder_dec
     notes[role] = frozenset(lengths)
     if role == "root" and not encoder_decoder:
         note_columns(notes, total, kwargs, first)
+    return notes
 
 
 def _add_length(lengths: set, shape: torch.Size, total: int) -> None:
@@ -116,9 +114,14 @@ def note_columns(notes: dict, total: int, kwargs: dict, first: Any) -> None:
 def _note_pass(notes: dict, total: int, kwargs: dict, width: int) -> None:
     """`note_columns` once the pass's ``width`` (its tokens per row) is known."""
     mask = kwargs.get("attention_mask")
+    if mask is None and "prompt_mask" in notes:  # a later pass without a mask (as `generate` makes it for an unpadded prompt)
+        previous = notes["pass"]
+        end = previous[0] + previous[1]  # where the previous pass ended
+        notes["pass"] = (0 if width > end - 1 else end, width)
+        return
     mask_shape = mask.shape if isinstance(mask, torch.Tensor) else ()
     if len(mask_shape) == 2 and mask_shape[0] == total:
-        start = mask_shape[1] - width
+        start = mask_shape[1] - width  # the mask spans every column so far
     else:
         mask = None
         previous = notes.get("pass")
@@ -126,8 +129,31 @@ def _note_pass(notes: dict, total: int, kwargs: dict, width: int) -> None:
         start = 0 if end is None or width > end - 1 else end
     if "prompt_mask" not in notes:
         notes["prompt_mask"] = (mask if mask is not None else torch.ones(total, width, dtype=torch.long)).detach().to("cpu")
+        notes["prompt_width"] = notes["prompt_mask"].shape[1]
         notes["generating"] = "logits_to_keep" in kwargs or "use_cache" in kwargs  # what `generate` passes
     notes["pass"] = (start, width)
+
+
+def prompt_shape(notes: dict) -> tuple[list[int], bool, int]:
+    """Each row's real prompt tokens, whether the prompt is left-padded (see `positions.python_mask`), and its width; once per run.
+
+    Examples:
+        >>> prompt_shape({"prompt_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])})
+        ([2, 3], True, 3)
+    """
+    shape = notes.get("prompt_shape")
+    if shape is None:
+        mask = notes["prompt_mask"]
+        if mask.numel() <= PYTHON_MASK_TOKENS:  # a small prompt: one conversion, then plain Python
+            rows = mask.tolist()
+            left_padded = all(value in (0, 1) for row in rows for value in row) and all(row == sorted(row) for row in rows)
+            shape = ([int(sum(row)) for row in rows], left_padded, mask.shape[1])
+        else:
+            mask = mask.to(torch.long)
+            left_padded = bool(((mask == 0) | (mask == 1)).all()) and bool((mask[:, 1:] >= mask[:, :-1]).all())
+            shape = (mask.sum(1).tolist(), left_padded, mask.shape[1])
+        notes["prompt_shape"] = shape
+    return shape
 
 
 def pass_lengths(batcher: Any) -> frozenset:

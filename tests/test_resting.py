@@ -1,0 +1,223 @@
+"""Resting (`nnsight_toolbox.optim.standby`): a module whose ``positions=`` are all prompt tokens
+gets nnsight's own controller back once generation moves past the prompt.
+
+Each test compares the package with an independent hook (tests/position_reference.py
+picks the columns) and checks which controller ran the module at each pass, so
+that a test cannot pass without the resting path having run. The reference
+reads each pass's first column from the root's own inputs (its attention mask's
+width less its tokens), so it is right for a pass without the KV cache too.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from conftest import randomize
+from nnsight.intervention.source import Controller
+from position_reference import EVERY, column_mask, left_padded, raw_generate
+
+from nnsight_toolbox import LORA, SoftPrompt
+from nnsight_toolbox.optim.activation import AdapterController
+
+PROMPTS = ["The Eiffel Tower is in", "Hi", "Paris is the capital"]  # 22, 2 and 20 tokens
+MLP = "transformer.h.0.mlp"
+PROMPT_ONLY = [0, 1, -1]  # prompt tokens of every row: the module can rest after the prefill
+
+
+def lora_on(gpt2, seed=0):
+    lora = LORA(gpt2.get(MLP), r=4)
+    randomize(lora, seed=seed, scale=2.0)
+    return lora
+
+
+def lora_formula(lora):
+    WA, WB = lora.WA.detach(), lora.WB.detach()
+    return lambda h, x: h + x @ WA @ WB
+
+
+@contextlib.contextmanager
+def hook_by_pass(gpt2, module, formula, attention_mask, specs_by_pass):
+    """``formula`` at the columns ``specs_by_pass(pass_index)`` picks, each pass's first column read from the root's inputs."""
+    seen = {"pass": -1}
+
+    def root_pre_hook(mod, args, kwargs):
+        seen["pass"] += 1
+        seen["first"] = kwargs["attention_mask"].shape[1] - kwargs["input_ids"].shape[1]
+
+    def hook(mod, args, output):
+        mask = column_mask(attention_mask, specs_by_pass(seen["pass"]), seen["first"], output.shape[1])
+        return torch.where(mask[..., None], formula(output, args[0]).to(output.dtype), output)
+
+    handles = [gpt2._module.register_forward_pre_hook(root_pre_hook, with_kwargs=True), module.register_forward_hook(hook)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def forwards_seen(module):
+    """The kind of forward that ran ``module`` at each call: "package", "nnsight" or "raw"."""
+    kinds = []
+
+    def pre_hook(mod, args):
+        forward = mod.__dict__.get("forward")
+        kinds.append("package" if isinstance(forward, AdapterController) else "nnsight" if isinstance(forward, Controller) else "raw")
+
+    handle = module.register_forward_pre_hook(pre_hook)
+    try:
+        yield kinds
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def cached_then_uncached(gpt2, logits):
+    """``gpt2``'s model generates with 2 cached steps, then 1 pass over the whole sequence without the cache.
+
+    Each pass's logits at its real tokens go to ``logits`` (a padding column's
+    value is nobody's token, and `positions=None` adapts it). Nothing in ``generate`` does this; a
+    model called this way is what a resting module must wake up for.
+    """
+    hf = gpt2._module
+
+    def generate(input_ids, attention_mask, **ignored):
+        cache = None
+        ids, mask = input_ids, attention_mask
+        for new in (ids, None, None):  # the prefill, then two cached steps
+            out = hf(input_ids=ids[:, -1:] if new is None else new, attention_mask=mask, cache=cache, use_cache=True)
+            logits.append(out.logits[mask[:, -out.logits.shape[1] :].bool()])
+            cache = out.past_key_values
+            ids = torch.cat([ids, out.logits[:, -1:].argmax(-1)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out = hf(input_ids=ids, attention_mask=mask, use_cache=False)  # the prompt's columns again
+        logits.append(out.logits[mask.bool()])
+        return torch.cat([ids, out.logits[:, -1:].argmax(-1)], 1)
+
+    hf.generate = generate
+    try:
+        yield
+    finally:
+        del hf.generate
+
+
+def test_a_generation_step_past_the_prompt_runs_nnsights_own_controller(gpt2):
+    """The point of resting: after the prefill, the module costs what nnsight costs; the tokens still equal the hook's."""
+    lora = lora_on(gpt2, seed=3)
+    batch = left_padded(gpt2, PROMPTS)
+    module = gpt2._module.get_submodule(MLP)
+    with forwards_seen(module) as kinds, gpt2.generate(PROMPTS, max_new_tokens=5, do_sample=False) as tracer:
+        lora(positions=PROMPT_ONLY)
+        ids = tracer.result.save()
+    assert kinds == ["package"] + ["nnsight"] * 4
+    assert isinstance(module.__dict__["forward"], Controller) and not isinstance(module.__dict__["forward"], AdapterController)
+    with torch.no_grad(), hook_by_pass(gpt2, module, lora_formula(lora), batch["attention_mask"], lambda p: [PROMPT_ONLY] * 3):
+        expected = raw_generate(gpt2, batch, 5)
+    assert not torch.equal(expected, raw_generate(gpt2, batch, 5)), "the adapter should change the text"
+    assert torch.equal(ids, expected)
+
+
+def test_a_position_past_some_rows_prompt_keeps_the_module_awake(gpt2):
+    """Position 3 of "Hi" (2 tokens) is its second generated token: the module must not rest."""
+    lora = lora_on(gpt2, seed=3)
+    batch = left_padded(gpt2, PROMPTS)
+    module = gpt2._module.get_submodule(MLP)
+    with forwards_seen(module) as kinds, gpt2.generate(PROMPTS, max_new_tokens=5, do_sample=False) as tracer:
+        lora(positions=[0, 3])
+        ids = tracer.result.save()
+    assert kinds == ["package"] * 5
+    with torch.no_grad(), hook_by_pass(gpt2, module, lora_formula(lora), batch["attention_mask"], lambda p: [[0, 3]] * 3):
+        expected = raw_generate(gpt2, batch, 5)
+    assert torch.equal(ids, expected)
+
+
+def test_without_the_cache_every_pass_holds_the_prompt_and_nothing_rests(gpt2):
+    """A soft prompt in ``generate(use_cache=False)``: every pass replaces the placeholders again, as its hook does."""
+    soft = SoftPrompt(gpt2.transformer.wte, 3)
+    with torch.no_grad():
+        soft.embeddings.copy_(torch.randn(3, 32, generator=torch.Generator().manual_seed(1)))
+    prompts = ["###" + p for p in PROMPTS]
+    batch = left_padded(gpt2, prompts)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    vectors = soft.embeddings.detach()
+    module = gpt2._module.transformer.wte
+
+    def soft_formula(h, x):  # vector k at real token k of each row (left padding)
+        new = h.clone()
+        for b, length in enumerate(lengths):
+            pad = batch["attention_mask"].shape[1] - length
+            new[b, pad : pad + 3] = vectors
+        return new
+
+    with forwards_seen(module) as kinds, gpt2.generate(prompts, max_new_tokens=4, do_sample=False, use_cache=False) as tracer:
+        soft()
+        ids = tracer.result.save()
+    assert kinds == ["package"] * 4
+    with torch.no_grad(), hook_by_pass(gpt2, module, soft_formula, batch["attention_mask"], lambda p: [[0, 1, 2]] * 3):
+        expected = gpt2._module.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=gpt2.tokenizer.eos_token_id)
+    assert not torch.equal(expected, raw_generate(gpt2, batch, 4)), "the soft prompt should change the text"
+    assert torch.equal(ids, expected)
+
+
+def test_a_pass_that_holds_the_prompt_again_wakes_the_module(gpt2):
+    """Rested at the cached steps, woken for a pass over the whole sequence: every pass's logits equal the hook's."""
+    lora = lora_on(gpt2, seed=3)
+    batch = left_padded(gpt2, PROMPTS)
+    module = gpt2._module.get_submodule(MLP)
+    ours, expected = [], []
+    with cached_then_uncached(gpt2, ours), forwards_seen(module) as kinds:
+        with gpt2.generate(PROMPTS) as tracer:
+            lora(positions=PROMPT_ONLY)
+            ids = tracer.result.save()
+    assert kinds == ["package", "nnsight", "nnsight", "package"]
+    with cached_then_uncached(gpt2, expected), torch.no_grad():
+        with hook_by_pass(gpt2, module, lora_formula(lora), batch["attention_mask"], lambda p: [PROMPT_ONLY] * 3):
+            expected_ids = gpt2._module.generate(**batch)
+    unadapted = []
+    with cached_then_uncached(gpt2, unadapted), torch.no_grad():
+        gpt2._module.generate(**batch)
+    assert not torch.allclose(expected[3], unadapted[3]), "the adapter should change the pass that holds the prompt again"
+    assert torch.equal(ids, expected_ids)
+    for got, want in zip(ours, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_switch_on_while_resting_brings_the_resting_interventions_back_with_it(gpt2):
+    """A second LoRA on the same module from pass 2 on, every token: both act at pass 3, which holds the prompt again."""
+    first, second = lora_on(gpt2, seed=3), lora_on(gpt2, seed=4)
+    batch = left_padded(gpt2, PROMPTS)
+    module = gpt2._module.get_submodule(MLP)
+    ours, expected = [], []
+    with cached_then_uncached(gpt2, ours), forwards_seen(module) as kinds:
+        with gpt2.generate(PROMPTS) as tracer:
+            first(positions=PROMPT_ONLY)
+            for step in tracer.iter[1:3]:
+                if step == 2:  # at the end of pass 1 (its output), while the module rests: acts from pass 2
+                    with pytest.warns(UserWarning, match="acts from the next one"):
+                        second()
+                _ = gpt2.output  # waits for the end of this pass
+            ids = tracer.result.save()
+    assert kinds == ["package", "nnsight", "package", "package"]
+    first_picks = lambda p: [PROMPT_ONLY] * 3  # noqa: E731
+    second_picks = lambda p: [EVERY] * 3 if p >= 2 else [None] * 3  # noqa: E731
+    with cached_then_uncached(gpt2, expected), torch.no_grad():
+        with hook_by_pass(gpt2, module, lora_formula(first), batch["attention_mask"], first_picks):
+            with hook_by_pass(gpt2, module, lora_formula(second), batch["attention_mask"], second_picks):
+                expected_ids = gpt2._module.generate(**batch)
+    assert torch.equal(ids, expected_ids)
+    for got, want in zip(ours, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_position_a_row_lacks_is_still_an_error_when_switched_on_after_the_prefill(gpt2):
+    """"Hi" has 2 tokens, so it has no position -5: the module must stay awake to say so at the next pass."""
+    first, late = lora_on(gpt2, seed=3), lora_on(gpt2, seed=4)
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\] of this invoke have no such position"):
+        with gpt2.generate(PROMPTS, max_new_tokens=4, do_sample=False) as tracer:
+            first(positions=PROMPT_ONLY)
+            for step in tracer.iter[0:2]:
+                if step == 1:  # at the end of the prefill
+                    with pytest.warns(UserWarning, match="acts from the next one"):
+                        late(positions=-5)
+                _ = gpt2.output  # waits for the end of this pass
