@@ -8,13 +8,18 @@ callgrind three ways:
   inside ``model.generate``), every token;
 - ``toolbox-positions``: the same with ``positions=`` (the last prompt token and
   every generated one; a soft prompt's own default, positions 0..n-1);
-- ``hook``: plain torch forward hooks on the raw model, computing the same formula.
+- ``hook``: plain torch forward hooks on the raw model, computing the same formula;
+- ``nnsight-hook``: the same hooks on the raw modules inside the same nnsight
+  generation, which is what an nnsight user would otherwise write.
 
 Each intervention's per-call cost is its count minus the count of the same
-generation without it (``nnsight-base`` for the package, ``base`` for the hooks:
-nnsight's own per-module handoff is paid by any nnsight trace, so it is taken
-out), divided by the number of intervention calls. Before anything is counted,
-each variant's generated tokens must equal its hook's.
+generation without it (``nnsight-base`` for the package and ``nnsight-hook``,
+``base`` for the hooks: nnsight's own per-module handoff is paid by any nnsight
+trace, so it is taken out), divided by the number of intervention calls. Before
+anything is counted, each variant's generated tokens must equal its hook's.
+The package over ``nnsight-hook`` needs no base at all: both generate the same
+tokens through the same nnsight, so their difference is what the package costs
+over a hand-written hook, switch-on and prefill included.
 
 A whole generation's count moves by up to about 0.4% between processes, a few thousand
 instructions per call, which is a tenth of a steering vector's hook. So each call
@@ -208,6 +213,11 @@ def calls_to_count(new_tokens: int, kinds: list[str] = KINDS, probes: dict | Non
         if positions is not None:
             calls[f"{kind}:toolbox-positions"] = ((lambda s=switch_on, p=positions: nnsight_generate(s, p)), contextlib.nullcontext, per_pass)
         calls[f"{kind}:hook"] = (raw_generate, (lambda h=hooks: hooked(h)), per_pass)
+        with hooked(hooks):
+            got = nnsight_generate()
+        if not torch.equal(got, expected):
+            raise SystemExit(f"{kind}: the hooks inside nnsight generated {got.tolist()}, outside {expected.tolist()}.")
+        calls[f"{kind}:nnsight-hook"] = (nnsight_generate, (lambda h=hooks: hooked(h)), per_pass)
         if probes is not None:
             probes[kind] = ((lambda s=switch_on: nnsight_generate(s)), hooks, model._module)
     return calls
@@ -216,17 +226,21 @@ def calls_to_count(new_tokens: int, kinds: list[str] = KINDS, probes: dict | Non
 def count_isolated(kind: str, generate, hooks, root, dump, calls: int = ISOLATED_CALLS) -> None:
     """Dump ``<kind>:isolated-<variant>@<round>`` counts of one module call, repeated ``calls`` times.
 
-    Variants: ``toolbox`` (the module's controller while the package's intervention
+    Variants: ``toolbox`` (the module's call while the package's intervention
     is live, at the first generation step), ``nnsight`` (nnsight's own controller
     of the same module, same step), ``hook`` (the raw module with the hook, outside
-    nnsight) and ``raw`` (without). Where the root notes each pass's sequence
-    lengths (``positions=``, a soft prompt), each ``toolbox`` repeat is a pass of
-    its own: the root's note of it (each note moves on to the next pass, so the
-    pass's choice of tokens is worked out afresh), then the call. ``dump(name, call)`` counts ``call()``.
+    nnsight) and ``raw`` (without). Where the root notes each pass (``positions=``,
+    a soft prompt), each ``toolbox`` repeat is a pass of its own: the root's
+    controller (its note of the pass and its review of the modules that may
+    rest), then the module's call; each ``nnsight`` repeat is nnsight's root
+    controller, then the module's. The model's forward itself is stubbed out of
+    both root calls. A module whose interventions rest at that step (see
+    `nnsight_toolbox.optim.standby`) is called through the forward it has then,
+    nnsight's controller. ``dump(name, call)`` counts ``call()``.
     """
     import torch
 
-    from nnsight_toolbox.optim.rows import NOTE, note_lengths
+    from nnsight_toolbox.optim.rows import NOTE
 
     module, hook = hooks[0]
     step: dict = {"module": 0, "root": 0}
@@ -235,33 +249,49 @@ def count_isolated(kind: str, generate, hooks, root, dump, calls: int = ISOLATED
         step["root"] += 1
         controller = root.__dict__["forward"]
         if step["root"] == 2 and getattr(controller, "noting", None) is not None:
-            batcher = controller.noting_for()
-            step["note"] = lambda: note_lengths(batcher, controller.noting, args, kwargs, controller.encoder_decoder)
-            step["notes"] = batcher.__dict__[NOTE]
+            if controller.activations:
+                raise SystemExit(f"{kind}: the root carries an intervention; its call cannot be stubbed out.")
+            step["root_call"] = (controller, args, kwargs)
+            step["notes"] = controller.noting_for().__dict__[NOTE]
 
     def at_first_step(module, args):  # a pre-hook: the package's controller is the module's forward now
         step["module"] += 1
         if step["module"] != 2:  # pass 0 is the prompt, pass 1 the first generated token
             return
-        controller, x = module.__dict__["forward"], args[0]
-        if not hasattr(controller, "inner"):
-            raise SystemExit(f"{kind}: the intervention is not live on the module's call at the first generation step.")
-        note = step.get("note")
-        if note is None:
-            toolbox = lambda: _repeat(controller, x, calls)  # noqa: E731
+        forward, x = module.__dict__["forward"], args[0]
+        inner = getattr(forward, "inner", None)
+        if inner is None:  # resting: the package handed the module back to nnsight for this run
+            standby = step.get("notes", {}).get("standby")
+            if standby is None or not any(c.module_ref() is module for c in standby.resting):
+                raise SystemExit(f"{kind}: the intervention is not live on the module's call at the first generation step.")
+            inner = forward
+        root_call = step.get("root_call")
+        if root_call is None:
+            dump(f"{kind}:isolated-toolbox", lambda: _repeat(forward, x, calls))
+            dump(f"{kind}:isolated-nnsight", lambda: _repeat(inner, x, calls))
         else:
-            kept = dict(step["notes"])  # the run's own notes, put back after
+            controller, root_args, root_kwargs = root_call
+            state, root_inner = controller.state, controller.inner  # one `State`: the package's and nnsight's controller share it
+            kept, body = dict(step["notes"]), state.body  # the run's own, put back after
+            state.body = _stub  # the model's forward itself, the same in both variants
 
             def toolbox():
                 for _ in range(calls):
-                    note()
-                    controller(x)
+                    controller(*root_args, **root_kwargs)
+                    forward(x)
 
-        dump(f"{kind}:isolated-toolbox", toolbox)
-        dump(f"{kind}:isolated-nnsight", lambda: _repeat(controller.inner, x, calls))
-        if note is not None:
-            step["notes"].clear()
-            step["notes"].update(kept)
+            def nnsight():
+                for _ in range(calls):
+                    root_inner(*root_args, **root_kwargs)
+                    inner(x)
+
+            try:
+                dump(f"{kind}:isolated-toolbox", toolbox)
+                dump(f"{kind}:isolated-nnsight", nnsight)
+            finally:
+                state.body = body
+                step["notes"].clear()
+                step["notes"].update(kept)
         step["x"] = x
 
     handles = [module.register_forward_pre_hook(at_first_step), root.register_forward_pre_hook(root_at_first_step, with_kwargs=True)]
@@ -277,6 +307,10 @@ def count_isolated(kind: str, generate, hooks, root, dump, calls: int = ISOLATED
         for name in ("hook", "raw"):
             with hooked([(module, hook)] if name == "hook" else []):
                 dump(f"{kind}:isolated-{name}", lambda: _repeat(module, x, calls))
+
+
+def _stub(module, *args, **kwargs) -> None:
+    """Stands in for the model's forward while the root controllers' own per-pass work is counted."""
 
 
 def _repeat(call, x, times: int) -> None:
@@ -361,6 +395,9 @@ def records_of(counts: dict[str, int], per_pass: dict[str, int], new_tokens: int
         by_variant = {r["variant"]: r["per_call"] for r in records if r.get("kind") == kind}
         if "toolbox" in by_variant and "hook" in by_variant:
             ratio = dict(measure="ratio_to_hook", kind=kind, toolbox=round(by_variant["toolbox"] / by_variant["hook"], 3))
+            if f"{kind}:nnsight-hook" in counts:  # same tokens, same nnsight: no base needed
+                calls = per_pass[f"{kind}:toolbox"] * new_tokens
+                ratio["over_nnsight_hook_per_call"] = round((counts[f"{kind}:toolbox"] - counts[f"{kind}:nnsight-hook"]) / calls)
             if "toolbox-positions" in by_variant:
                 ratio["toolbox_positions"] = round(by_variant["toolbox-positions"] / by_variant["hook"], 3)
                 ratio["positions_extra_per_call"] = by_variant["toolbox-positions"] - by_variant["toolbox"]
@@ -381,8 +418,8 @@ def markdown(meta: dict, records: list[dict]) -> str:
         f"### Per-call cost of each intervention against a bare torch hook (instructions; `{meta['model']}`, "
         f"generate {meta['new_tokens']} tokens at batch 1)",
         "",
-        "| intervention | hook (k/call) | toolbox (k/call) | toolbox / hook | one call alone: hook, toolbox (k) | alone: toolbox / hook | with `positions=` (k/call) | `positions=` extra (k/call) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| intervention | hook (k/call) | toolbox (k/call) | toolbox / hook | toolbox - hook, both in nnsight (k/call) | one call alone: hook, toolbox (k) | alone: toolbox / hook | with `positions=` (k/call) | `positions=` extra (k/call) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for kind in KINDS:
         if (kind, "hook") not in per_call:
@@ -396,7 +433,9 @@ def markdown(meta: dict, records: list[dict]) -> str:
         if "isolated_ratio" in ratio:
             alone = f"{ratio['isolated_hook'] / 1e3:,.1f}, {ratio['isolated_toolbox'] / 1e3:,.1f}"
             alone_ratio = f"{ratio['isolated_ratio']:.3f}x"
-        lines.append(f"| {kind} | {hook:,.1f} | {toolbox:,.1f} | {ratio['toolbox']:.3f}x | {alone} | {alone_ratio} | {positioned} | {extra} |")
+        over = ratio.get("over_nnsight_hook_per_call")
+        over = "-" if over is None else f"{over / 1e3:+,.1f}"
+        lines.append(f"| {kind} | {hook:,.1f} | {toolbox:,.1f} | {ratio['toolbox']:.3f}x | {over} | {alone} | {alone_ratio} | {positioned} | {extra} |")
     return "\n".join(lines)
 
 

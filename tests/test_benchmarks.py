@@ -226,6 +226,19 @@ def test_count_interventions_costs_each_call_over_its_own_base():
     assert ratio == dict(measure="ratio_to_hook", kind="lora", toolbox=1.04, toolbox_positions=1.2, positions_extra_per_call=8, within_bar=True)
 
 
+def test_count_interventions_costs_the_package_over_the_same_hook_inside_nnsight():
+    """Same tokens through the same nnsight: the difference over the calls, no base involved."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import count_interventions
+
+    counts = {"base": 1000, "nnsight-base": 2000, "steering:hook": 1000 + 64 * 20_000, "steering:toolbox": 9000 + 64 * 23_000, "steering:nnsight-hook": 9000 + 64 * 21_000}
+    per_pass = {name: 16 for name in counts if ":" in name}
+    records = count_interventions.records_of(counts, per_pass, new_tokens=4)
+    ratio = next(r for r in records if r["measure"] == "ratio_to_hook")
+    assert ratio["over_nnsight_hook_per_call"] == 2000
+    assert "| +2.0 |" in count_interventions.markdown({"model": "m", "new_tokens": 4}, records)
+
+
 def test_count_interventions_keeps_the_median_round_of_each_call():
     sys.path.insert(0, str(BENCHMARKS))
     import count_interventions
