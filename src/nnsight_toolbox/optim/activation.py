@@ -151,7 +151,6 @@ class AdapterController(Controller):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         state = self.state
         interleaver, _, locations = state.active()
-        noted = False  # the root (or encoder) of a run with row-scoped or positioned adapters: it notes this pass
         if self.noting is not None and interleaver is not None:
             batcher = interleaver.batcher
             if batcher is not None and self.noting_for() is batcher:
@@ -159,27 +158,33 @@ class AdapterController(Controller):
                 standby = notes.get(STANDBY)
                 if standby is not None:  # `positions=` in this run: modules whose tokens are all behind rest (see `standby`)
                     standby.review(notes, interleaver)
-                noted = True
-        live = self.live(interleaver) if interleaver is not None and self.activations else []
-        if not live and not noted:
+                if not self.activations:  # the root, noting for adapters elsewhere: nothing to retire
+                    return self._handoff(interleaver, locations, args, kwargs)
+        live = self.live(interleaver) if interleaver is not None else []
+        if not live:
             self.retire_if_idle(interleaver)
             return self.inner(*args, **kwargs)
-        # nnsight's four steps (`Controller.__call__`), written out so that the root's
-        # note costs one call, not two; the deltas ride between the body and the output handoff.
         handle = interleaver.handle
         args, kwargs = handle(locations[0], (args, kwargs))
         skipped = handle(locations[1], NO_SKIP)
         if skipped is not NO_SKIP:  # a skipped module has no body for a delta to ride on
             return handle(locations[2], _as_fragment(interleaver, locations[2], skipped))
         output = run_body(state, self.module_ref(), args, kwargs)
-        if not live:
-            return handle(locations[2], output)
         x = first_input(args, kwargs)
         if len(live) == 1 and type(output) is torch.Tensor and type(x) is torch.Tensor:
             activation = live[0]
             if activation.plain:  # the usual case, with nothing to narrow: `add_deltas`' first branch
                 return handle(locations[2], activation._adapter().intervene(output, x, activation.alpha))
         return handle(locations[2], add_deltas(output, x, live, interleaver, self))
+
+    def _handoff(self, interleaver: "Interleaver", locations: tuple, args: tuple, kwargs: dict) -> Any:
+        """nnsight's own four steps (`Controller.__call__`) once `state.active()` is known: a root's note then costs one call, not two."""
+        handle = interleaver.handle
+        args, kwargs = handle(locations[0], (args, kwargs))
+        skipped = handle(locations[1], NO_SKIP)
+        if skipped is not NO_SKIP:
+            return handle(locations[2], _as_fragment(interleaver, locations[2], skipped))
+        return handle(locations[2], run_body(self.state, self.module_ref(), args, kwargs))
 
     @property
     def path(self) -> str:

@@ -39,7 +39,7 @@ STANDBY = "standby"
 
 
 class Standby:
-    """The run's `AdapterController`\\ s that may rest, and those resting.
+    """The run's adapter controllers that may rest, and those resting (see the module's docstring).
 
     A plain class, not a dataclass: the package ships to remote servers as source.
 
