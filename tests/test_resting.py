@@ -102,33 +102,32 @@ def cached_then_uncached(gpt2, logits):
         del hf.generate
 
 
-def test_a_generation_step_past_the_prompt_runs_nnsights_own_controller(gpt2):
-    """The point of resting: after the prefill, the module costs what nnsight costs; the tokens still equal the hook's."""
-    lora = lora_on(gpt2, seed=3)
+def generate_both_ways(gpt2, lora, positions, new_tokens=5):
+    """The package's greedy tokens with ``positions=``, the forward that ran the MLP at each pass, and the hook's tokens."""
     batch = left_padded(gpt2, PROMPTS)
     module = gpt2._module.get_submodule(MLP)
-    with forwards_seen(module) as kinds, gpt2.generate(PROMPTS, max_new_tokens=5, do_sample=False) as tracer:
-        lora(positions=PROMPT_ONLY)
+    with forwards_seen(module) as kinds, gpt2.generate(PROMPTS, max_new_tokens=new_tokens, do_sample=False) as tracer:
+        lora(positions=positions)
         ids = tracer.result.save()
+    with torch.no_grad(), hook_by_pass(gpt2, module, lora_formula(lora), batch["attention_mask"], lambda p: [positions] * 3):
+        expected = raw_generate(gpt2, batch, new_tokens)
+    assert not torch.equal(expected, raw_generate(gpt2, batch, new_tokens)), "the adapter should change the text"
+    return kinds, ids, expected
+
+
+def test_a_generation_step_past_the_prompt_runs_nnsights_own_controller(gpt2):
+    """The point of resting: after the prefill, the module costs what nnsight costs; the tokens still equal the hook's."""
+    kinds, ids, expected = generate_both_ways(gpt2, lora_on(gpt2, seed=3), PROMPT_ONLY)
     assert kinds == ["package"] + ["nnsight"] * 4
-    assert isinstance(module.__dict__["forward"], Controller) and not isinstance(module.__dict__["forward"], AdapterController)
-    with torch.no_grad(), hook_by_pass(gpt2, module, lora_formula(lora), batch["attention_mask"], lambda p: [PROMPT_ONLY] * 3):
-        expected = raw_generate(gpt2, batch, 5)
-    assert not torch.equal(expected, raw_generate(gpt2, batch, 5)), "the adapter should change the text"
+    forward = gpt2._module.get_submodule(MLP).__dict__["forward"]
+    assert isinstance(forward, Controller) and not isinstance(forward, AdapterController)
     assert torch.equal(ids, expected)
 
 
 def test_a_position_past_some_rows_prompt_keeps_the_module_awake(gpt2):
     """Position 3 of "Hi" (2 tokens) is its second generated token: the module must not rest."""
-    lora = lora_on(gpt2, seed=3)
-    batch = left_padded(gpt2, PROMPTS)
-    module = gpt2._module.get_submodule(MLP)
-    with forwards_seen(module) as kinds, gpt2.generate(PROMPTS, max_new_tokens=5, do_sample=False) as tracer:
-        lora(positions=[0, 3])
-        ids = tracer.result.save()
+    kinds, ids, expected = generate_both_ways(gpt2, lora_on(gpt2, seed=3), [0, 3])
     assert kinds == ["package"] * 5
-    with torch.no_grad(), hook_by_pass(gpt2, module, lora_formula(lora), batch["attention_mask"], lambda p: [[0, 3]] * 3):
-        expected = raw_generate(gpt2, batch, 5)
     assert torch.equal(ids, expected)
 
 
