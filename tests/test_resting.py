@@ -159,54 +159,62 @@ def test_without_the_cache_every_pass_holds_the_prompt_and_nothing_rests(gpt2):
     assert torch.equal(ids, expected)
 
 
-def test_a_pass_that_holds_the_prompt_again_wakes_the_module(gpt2):
-    """Rested at the cached steps, woken for a pass over the whole sequence: every pass's logits equal the hook's."""
-    lora = lora_on(gpt2, seed=3)
+def package_cached_then_uncached(gpt2, switch_on):
+    """Each pass's logits (`cached_then_uncached`), the forward that ran the MLP at each pass, and the ids; ``switch_on(tracer)`` inside the run."""
+    ours = []
+    with cached_then_uncached(gpt2, ours), forwards_seen(gpt2._module.get_submodule(MLP)) as kinds:
+        with gpt2.generate(PROMPTS) as tracer:
+            switch_on(tracer)
+            ids = tracer.result.save()
+    return ours, kinds, ids
+
+
+def hooks_cached_then_uncached(gpt2, hooks):
+    """The same passes with ``hooks``, ``[(lora, specs_by_pass), ...]``, as plain hooks on the MLP: each pass's logits and the ids."""
     batch = left_padded(gpt2, PROMPTS)
     module = gpt2._module.get_submodule(MLP)
-    ours, expected = [], []
-    with cached_then_uncached(gpt2, ours), forwards_seen(module) as kinds:
-        with gpt2.generate(PROMPTS) as tracer:
-            lora(positions=PROMPT_ONLY)
-            ids = tracer.result.save()
-    assert kinds == ["package", "nnsight", "nnsight", "package"]
-    with cached_then_uncached(gpt2, expected), torch.no_grad():
-        with hook_by_pass(gpt2, module, lora_formula(lora), batch["attention_mask"], lambda p: [PROMPT_ONLY] * 3):
-            expected_ids = gpt2._module.generate(**batch)
-    unadapted = []
-    with cached_then_uncached(gpt2, unadapted), torch.no_grad():
-        gpt2._module.generate(**batch)
-    assert not torch.allclose(expected[3], unadapted[3]), "the adapter should change the pass that holds the prompt again"
+    logits = []
+    with cached_then_uncached(gpt2, logits), torch.no_grad(), contextlib.ExitStack() as stack:
+        for lora, specs_by_pass in hooks:
+            stack.enter_context(hook_by_pass(gpt2, module, lora_formula(lora), batch["attention_mask"], specs_by_pass))
+        ids = gpt2._module.generate(**batch)
+    return logits, ids
+
+
+def assert_same_passes(ours, ids, expected, expected_ids):
     assert torch.equal(ids, expected_ids)
     for got, want in zip(ours, expected, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_a_pass_that_holds_the_prompt_again_wakes_the_module(gpt2):
+    """Rested at the cached steps, woken for a pass over the whole sequence: every pass's logits equal the hook's."""
+    lora = lora_on(gpt2, seed=3)
+    ours, kinds, ids = package_cached_then_uncached(gpt2, lambda tracer: lora(positions=PROMPT_ONLY))
+    assert kinds == ["package", "nnsight", "nnsight", "package"]
+    expected, expected_ids = hooks_cached_then_uncached(gpt2, [(lora, lambda p: [PROMPT_ONLY] * 3)])
+    unadapted, _ = hooks_cached_then_uncached(gpt2, [])
+    assert not torch.allclose(expected[3], unadapted[3]), "the adapter should change the pass that holds the prompt again"
+    assert_same_passes(ours, ids, expected, expected_ids)
 
 
 def test_a_switch_on_while_resting_brings_the_resting_interventions_back_with_it(gpt2):
     """A second LoRA on the same module from pass 2 on, every token: both act at pass 3, which holds the prompt again."""
     first, second = lora_on(gpt2, seed=3), lora_on(gpt2, seed=4)
-    batch = left_padded(gpt2, PROMPTS)
-    module = gpt2._module.get_submodule(MLP)
-    ours, expected = [], []
-    with cached_then_uncached(gpt2, ours), forwards_seen(module) as kinds:
-        with gpt2.generate(PROMPTS) as tracer:
-            first(positions=PROMPT_ONLY)
-            for step in tracer.iter[1:3]:
-                if step == 2:  # at the end of pass 1 (its output), while the module rests: acts from pass 2
-                    with pytest.warns(UserWarning, match="acts from the next one"):
-                        second()
-                _ = gpt2.output  # waits for the end of this pass
-            ids = tracer.result.save()
+
+    def switch_on(tracer):
+        first(positions=PROMPT_ONLY)
+        for step in tracer.iter[1:3]:
+            if step == 2:  # at the end of pass 1 (its output), while the module rests: acts from pass 2
+                with pytest.warns(UserWarning, match="acts from the next one"):
+                    second()
+            _ = gpt2.output  # waits for the end of this pass
+
+    ours, kinds, ids = package_cached_then_uncached(gpt2, switch_on)
     assert kinds == ["package", "nnsight", "package", "package"]
-    first_picks = lambda p: [PROMPT_ONLY] * 3  # noqa: E731
     second_picks = lambda p: [EVERY] * 3 if p >= 2 else [None] * 3  # noqa: E731
-    with cached_then_uncached(gpt2, expected), torch.no_grad():
-        with hook_by_pass(gpt2, module, lora_formula(first), batch["attention_mask"], first_picks):
-            with hook_by_pass(gpt2, module, lora_formula(second), batch["attention_mask"], second_picks):
-                expected_ids = gpt2._module.generate(**batch)
-    assert torch.equal(ids, expected_ids)
-    for got, want in zip(ours, expected, strict=True):
-        torch.testing.assert_close(got, want)
+    expected, expected_ids = hooks_cached_then_uncached(gpt2, [(first, lambda p: [PROMPT_ONLY] * 3), (second, second_picks)])
+    assert_same_passes(ours, ids, expected, expected_ids)
 
 
 def test_a_position_a_row_lacks_is_still_an_error_when_switched_on_after_the_prefill(gpt2):
