@@ -1,5 +1,6 @@
 """Resting (`nnsight_toolbox.optim.standby`): a module whose ``positions=`` are all prompt tokens
-gets nnsight's own controller back once generation moves past the prompt.
+gets nnsight's own controller back once generation moves past the prompt; so does a module
+whose ``steps=`` are all behind (`AdapterController.retire_if_idle`).
 
 Each test compares the package with an independent hook (tests/position_reference.py
 picks the columns) and checks which controller ran the module at each pass, so
@@ -228,3 +229,60 @@ def test_a_position_a_row_lacks_is_still_an_error_when_switched_on_after_the_pre
                     with pytest.warns(UserWarning, match="acts from the next one"):
                         late(positions=-5)
                 _ = gpt2.output  # waits for the end of this pass
+
+
+# ---------------------------------------------------------------------------
+# `steps=`: past an intervention's last chosen pass, its module gets nnsight's controller back
+# ---------------------------------------------------------------------------
+
+
+def steps_both_ways(gpt2, switch_on, hooks, new_tokens):
+    """The package's greedy tokens (``switch_on(tracer)`` in the run) and the forward that ran the MLP at each pass;
+    the tokens of ``hooks``, ``[(lora, passes), ...]``, as plain hooks acting on every token of the chosen passes."""
+    batch = left_padded(gpt2, PROMPTS)
+    module = gpt2._module.get_submodule(MLP)
+    with forwards_seen(module) as kinds, gpt2.generate(PROMPTS, max_new_tokens=new_tokens, do_sample=False) as tracer:
+        switch_on(tracer)
+        ids = tracer.result.save()
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for lora, passes in hooks:
+            picks = lambda p, passes=passes: [EVERY if p in passes else None] * 3  # noqa: E731
+            stack.enter_context(hook_by_pass(gpt2, module, lora_formula(lora), batch["attention_mask"], picks))
+        expected = raw_generate(gpt2, batch, new_tokens)
+    assert not torch.equal(expected, raw_generate(gpt2, batch, new_tokens)), "the adapter should change the text"
+    return kinds, ids, expected
+
+
+def test_after_its_last_step_the_module_runs_nnsights_own_controller(gpt2):
+    """``steps=0``: the prefill only. Pass 1 finds the step behind and retires the package's controller."""
+    lora = lora_on(gpt2, seed=3)
+    kinds, ids, expected = steps_both_ways(gpt2, lambda tracer: lora(steps=0), [(lora, {0})], new_tokens=5)
+    assert kinds == ["package", "package"] + ["nnsight"] * 3
+    forward = gpt2._module.get_submodule(MLP).__dict__["forward"]
+    assert isinstance(forward, Controller) and not isinstance(forward, AdapterController)
+    assert torch.equal(ids, expected)
+
+
+def test_a_pass_between_chosen_steps_keeps_the_controller(gpt2):
+    """``steps={1, 3}``: pass 2 acts on nothing but pass 3 still does, so only pass 4 retires it."""
+    lora = lora_on(gpt2, seed=3)
+    kinds, ids, expected = steps_both_ways(gpt2, lambda tracer: lora(steps={1, 3}), [(lora, {1, 3})], new_tokens=7)
+    assert kinds == ["package"] * 5 + ["nnsight"] * 2
+    assert torch.equal(ids, expected)
+
+
+def test_a_switch_on_after_the_controller_retired_installs_it_again(gpt2):
+    """``steps=0``, then the same LoRA again at the end of pass 2 with ``steps=3``: it acts at passes 0 and 3."""
+    lora = lora_on(gpt2, seed=3)
+
+    def switch_on(tracer):
+        lora(steps=0)
+        for step in tracer.iter[2:4]:
+            if step == 3:  # at the end of pass 2 (its output); the controller retired at pass 1
+                with pytest.warns(UserWarning, match="acts from the next one"):
+                    lora(steps=3)
+            _ = gpt2.output  # waits for the end of this pass
+
+    kinds, ids, expected = steps_both_ways(gpt2, switch_on, [(lora, {0, 3})], new_tokens=6)
+    assert kinds == ["package", "package", "nnsight", "package", "package", "nnsight"]
+    assert torch.equal(ids, expected)

@@ -76,7 +76,7 @@ class Activation:
     worker when the run ends (`Interleaver.cancel`).
     """
 
-    __slots__ = ("_adapter", "alpha", "steps", "positions", "rows", "plain", "mediator", "worker", "root_input", "calls", "calls_pass")
+    __slots__ = ("_adapter", "alpha", "steps", "last_pass", "finished", "positions", "rows", "plain", "mediator", "worker", "root_input", "calls", "calls_pass")
 
     def __init__(
         self, adapter: Any, alpha: float, steps: Any, mediator: "Mediator", root_input: str, positions: PositionSpec | None = None, rows: list | None = None
@@ -98,6 +98,8 @@ class Activation:
         """Set the options of the call that switched it on (a repeat call from the same invoke sets them anew)."""
         self.alpha = alpha
         self.steps = steps  # None (every pass) or a container of pass indices
+        self.last_pass = last_pass(steps)  # None: no last one
+        self.finished = False  # every chosen pass is behind (see `acts_on_this_pass`)
         self.positions = positions  # None (every token) or the tokens of each row to act on
         self.plain = self.rows is None and positions is None  # the whole batch, every token: nothing to narrow
 
@@ -117,12 +119,18 @@ class Activation:
         return mediator
 
     def acts_on_this_pass(self, mediator: "Mediator") -> bool:
+        """Whether the pass now running is one of ``steps``; past the last of them, the activation is `finished`."""
         if self.steps is None:
             return True
         # The root's input handoff counts forward passes: it has fired once for
         # the pass now running, so the pass index is that count minus one. An
         # encoder that `generate` runs before the first pass belongs to pass 0.
-        return max(mediator.occurrence(self.root_input) - 1, 0) in self.steps
+        index = max(mediator.occurrence(self.root_input) - 1, 0)
+        if index in self.steps:
+            return True
+        if index > self.last_pass:  # pass indices only grow: it will act on no later pass of this run
+            self.finished = True
+        return False
 
 
 class AdapterController(Controller):
@@ -211,9 +219,15 @@ class AdapterController(Controller):
         self.noting, self.noting_for, self.encoder_decoder = role, weakref.ref(batcher), encoder_decoder
 
     def retire_if_idle(self, interleaver: "Interleaver | None") -> None:
-        """Drop dead activations; with none left, give the module back its own controller."""
+        """Drop dead and finished activations; with none left, give the module back its own controller.
+
+        A finished one (``steps=`` all behind) goes too, so a module whose
+        intervention acted at the prefill only (``steps=0``) costs the rest of a
+        generation what nnsight alone costs. A later switch-on in the same run
+        installs a controller again (`_adapter_controller`).
+        """
         self.activations = [
-            a for a in self.activations if interleaver is not None and a.live_mediator(interleaver) is not None
+            a for a in self.activations if not a.finished and interleaver is not None and a.live_mediator(interleaver) is not None
         ]
         if self.noting is not None and (interleaver is None or self.noting_for() is not interleaver.batcher):
             self.noting = self.noting_for = None  # that run has ended
@@ -463,6 +477,20 @@ def check_alpha(alpha: Any) -> float:
             f"{alpha!r}. Pass e.g. `lora(alpha=1.0)`; 0 switches the adapter off."
         )
     return float(alpha)
+
+
+def last_pass(steps: Any) -> int | None:
+    """The last pass index `normalize_steps`' container holds (-1 if none), ``None`` for every pass.
+
+    Examples:
+        >>> last_pass(normalize_steps(slice(0, 3))), last_pass(normalize_steps({4, 1})), last_pass(None)
+        (2, 4, None)
+    """
+    if steps is None:
+        return None
+    if isinstance(steps, range):
+        return steps[-1] if len(steps) else -1
+    return max(steps, default=-1)
 
 
 def normalize_steps(steps: Steps) -> Any:
