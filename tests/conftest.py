@@ -12,8 +12,10 @@ import contextlib
 import pytest
 import torch
 from nnsight import LanguageModel
+from nnsight.intervention.source import Controller
 from transformers import AutoTokenizer
 
+from nnsight_toolbox.optim.activation import AdapterController
 from nnsight_toolbox.testing import save_tiny_model
 
 
@@ -147,3 +149,19 @@ def reference_hooks(model, adapters, alpha: float = 1.0):
             hf_path = path.split(".", 1)[1]
             stack.enter_context(reference_hook(model, hf_path, lora.WA.detach(), lora.WB.detach(), alpha=alpha))
         yield
+
+
+@contextlib.contextmanager
+def forwards_seen(module: torch.nn.Module):
+    """The kind of forward that ran ``module`` at each call: "package", "nnsight" or "raw"."""
+    kinds = []
+
+    def pre_hook(mod, args):
+        forward = mod.__dict__.get("forward")
+        kinds.append("package" if isinstance(forward, AdapterController) else "nnsight" if isinstance(forward, Controller) else "raw")
+
+    handle = module.register_forward_pre_hook(pre_hook)
+    try:
+        yield kinds
+    finally:
+        handle.remove()

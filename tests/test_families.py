@@ -3,7 +3,8 @@
 - OPT and Qwen2-MoE's shared expert flatten (B, T, H) to (B*T, H): per-invoke rows work.
 - A Switch Transformers expert sees only its routed tokens: per-invoke rows are
   refused (even when it gets exactly B tokens), the whole batch works.
-- T5 has an encoder and a decoder length: per-invoke generation works on both sides.
+- T5 has an encoder and a decoder length: per-invoke generation works on both sides,
+  and `steps=` counts the encoder's one run in the first pass.
 - BERT has submodules named ``output``: every path-based entry point reaches them.
 
 The reference is a plain torch forward hook on the raw module (`families.row_hook`)
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 import families
+from conftest import forwards_seen
 from nnsight_toolbox import LORA, LoraSet, export_peft, import_peft
 from nnsight_toolbox.optim.rows import layout_error, row_span
 
@@ -187,6 +189,48 @@ def test_t5_generation_scopes_encoder_and_decoder_adapters_per_invoke(family_pat
     assert not torch.equal(reference[1], base[1]), "the adapters must change their row's tokens"
     assert torch.equal(reference[0], base[0])
 
+
+
+def test_t5_steps_count_the_encoder_in_the_first_pass_and_retire_after_it(family_paths):
+    """``steps=0``: the encoder's one run and the decoder's first pass, then the decoder module runs nnsight's controller."""
+    model = load(family_paths, "t5")
+    paths = ["encoder.block.0.layer.1.DenseReluDense.wi", "decoder.block.1.layer.2.DenseReluDense.wo"]
+    adapters = LoraSet(LORA(model.get(path), r=4) for path in paths)
+    for seed, lora in enumerate(adapters.values()):
+        families.randomize(lora, seed=seed, scale=3.0)
+    (enc_A, enc_B), (dec_A, dec_B) = ((lora.WA.detach(), lora.WB.detach()) for lora in adapters.values())
+    # Each step's scores, not only the tokens: tiny T5's greedy tokens barely move.
+    settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    decoder = raw(model, paths[1])
+    with forwards_seen(decoder) as kinds, model.generate(PROMPTS, **settings) as tracer:
+        adapters(steps=0)
+        ours = tracer.result.save()
+    assert kinds == ["package", "package", "nnsight", "nnsight"]
+
+    batch = batch_of(model, PROMPTS)
+
+    def decoder_generate(passes):
+        """HF generate with the encoder's delta and the decoder's on the passes ``passes`` picks (by call count)."""
+        calls = []
+
+        def hook(mod, args, output):
+            calls.append(None)
+            return output + args[0] @ dec_A @ dec_B if passes(len(calls) - 1) else None
+
+        handle = decoder.register_forward_hook(hook)
+        try:
+            with families.row_hook(raw(model, paths[0]), enc_A, enc_B, batch=2):
+                return model._module.generate(**batch, **settings)
+        finally:
+            handle.remove()
+
+    reference = decoder_generate(lambda p: p == 0)
+    assert torch.equal(ours.sequences, reference.sequences)
+    for got, want in zip(ours.scores, reference.scores, strict=True):
+        torch.testing.assert_close(got, want)
+    every, never = decoder_generate(lambda p: True), decoder_generate(lambda p: False)
+    assert not torch.allclose(reference.scores[1], every.scores[1]), "a decoder adapted at pass 1 must differ"
+    assert not torch.allclose(reference.scores[0], never.scores[0]), "the decoder's first pass must matter"
 
 # -- BERT: modules named `output` ---------------------------------------------------
 

@@ -13,7 +13,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import randomize
+from conftest import forwards_seen, randomize
 from nnsight.intervention.source import Controller
 from position_reference import EVERY, column_mask, left_padded, raw_generate
 
@@ -55,22 +55,6 @@ def hook_by_pass(gpt2, module, formula, attention_mask, specs_by_pass):
     finally:
         for handle in handles:
             handle.remove()
-
-
-@contextlib.contextmanager
-def forwards_seen(module):
-    """The kind of forward that ran ``module`` at each call: "package", "nnsight" or "raw"."""
-    kinds = []
-
-    def pre_hook(mod, args):
-        forward = mod.__dict__.get("forward")
-        kinds.append("package" if isinstance(forward, AdapterController) else "nnsight" if isinstance(forward, Controller) else "raw")
-
-    handle = module.register_forward_pre_hook(pre_hook)
-    try:
-        yield kinds
-    finally:
-        handle.remove()
 
 
 @contextlib.contextmanager
