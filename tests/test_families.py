@@ -166,12 +166,18 @@ def test_a_routed_expert_adapts_the_whole_batch_from_an_empty_invoke(family_path
 # -- encoder-decoder: two sequence lengths ------------------------------------------
 
 
-def test_t5_generation_scopes_encoder_and_decoder_adapters_per_invoke(family_paths):
+def t5_with_adapters(family_paths):
+    """Tiny T5, the paths of an encoder and a decoder module, and a random LoRA on each."""
     model = load(family_paths, "t5")
     paths = ["encoder.block.0.layer.1.DenseReluDense.wi", "decoder.block.1.layer.2.DenseReluDense.wo"]
     adapters = LoraSet(LORA(model.get(path), r=4) for path in paths)
     for seed, lora in enumerate(adapters.values()):
         families.randomize(lora, seed=seed, scale=3.0)
+    return model, paths, adapters
+
+
+def test_t5_generation_scopes_encoder_and_decoder_adapters_per_invoke(family_paths):
+    model, paths, adapters = t5_with_adapters(family_paths)
     settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)  # tiny T5 would stop at EOS at once
     with model.generate(**settings) as tracer:
         with tracer.invoke(PROMPTS[0]):
@@ -190,14 +196,9 @@ def test_t5_generation_scopes_encoder_and_decoder_adapters_per_invoke(family_pat
     assert torch.equal(reference[0], base[0])
 
 
-
 def test_t5_steps_count_the_encoder_in_the_first_pass_and_retire_after_it(family_paths):
     """``steps=0``: the encoder's one run and the decoder's first pass, then the decoder module runs nnsight's controller."""
-    model = load(family_paths, "t5")
-    paths = ["encoder.block.0.layer.1.DenseReluDense.wi", "decoder.block.1.layer.2.DenseReluDense.wo"]
-    adapters = LoraSet(LORA(model.get(path), r=4) for path in paths)
-    for seed, lora in enumerate(adapters.values()):
-        families.randomize(lora, seed=seed, scale=3.0)
+    model, paths, adapters = t5_with_adapters(family_paths)
     (enc_A, enc_B), (dec_A, dec_B) = ((lora.WA.detach(), lora.WB.detach()) for lora in adapters.values())
     # Each step's scores, not only the tokens: tiny T5's greedy tokens barely move.
     settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
