@@ -149,7 +149,7 @@ def test_load_refuses_a_model_without_a_saved_module(gpt2, tmp_path):
     data = json.loads(sidecar.read_text())
     data["interventions"][0]["module_path"] = "transformer.h.9"
     sidecar.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"intervention 0: the model has no module 'transformer.h.9'"):
+    with pytest.raises(ValueError, match=r"interventions on 1 module\(s\) this model does not have, e.g. `model.transformer.h.9`"):
         InterventionSet.load(tmp_path / "mix", gpt2)
 
 

@@ -314,8 +314,9 @@ def test_save_and_load_restore_every_tensor_bit_for_bit(gpt2, cls, tmp_path):
     ours.save(tmp_path / "saved")
     import json
 
-    sidecar = json.loads((tmp_path / "saved" / "intervention.json").read_text())
-    assert sidecar["type"] == cls.__name__ and sidecar["format"] == "nnsight-toolbox/intervention"
+    sidecar = json.loads((tmp_path / "saved" / "interventions.json").read_text())
+    [entry] = sidecar["interventions"]
+    assert entry["kind"] == cls.__name__ and sidecar["format"] == "nnsight-toolbox/intervention-set"
     back = cls.load(tmp_path / "saved", gpt2.get("transformer.h.0"))
     assert back.path == "model.transformer.h.0" and not back.training
     for key, value in ours.state_dict().items():
@@ -326,11 +327,11 @@ def test_save_and_load_restore_every_tensor_bit_for_bit(gpt2, cls, tmp_path):
 
 def test_load_refuses_another_type_and_a_damaged_file(gpt2, tmp_path):
     LoReFT(gpt2.get(LAYER), r=4).save(tmp_path / "reft")
-    with pytest.raises(ValueError, match=r"holds a saved 'LoReFT', not a `DiReFT`.*LoReFT.load"):
+    with pytest.raises(ValueError, match=r"holds a saved `LoReFT`, which is not a `DiReFT`.*LoReFT.load"):
         DiReFT.load(tmp_path / "reft", gpt2.get(LAYER))
-    data = bytearray((tmp_path / "reft" / "intervention.safetensors").read_bytes())
+    data = bytearray((tmp_path / "reft" / "interventions.safetensors").read_bytes())
     data[-1] ^= 1
-    (tmp_path / "reft" / "intervention.safetensors").write_bytes(bytes(data))
+    (tmp_path / "reft" / "interventions.safetensors").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="checksum"):
         LoReFT.load(tmp_path / "reft", gpt2.get(LAYER))
 

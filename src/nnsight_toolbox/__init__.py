@@ -14,10 +14,9 @@ import sys
 
 import nnsight
 
+from ._version import __version__
 from .artifacts import export_peft, import_peft
-from .optim import LORA, DiReFT, DoRA, InterventionSet, LoraSet, LoReFT, ModuleCopy, Optimization, SoftPrompt, SteeringVector
-
-__version__ = "0.1.0"
+from .optim import LORA, DiReFT, DoRA, InterventionSet, LoraSet, LoReFT, ModuleCopy, ModuleIntervention, Optimization, SoftPrompt, SteeringVector
 
 __all__ = [
     "LORA",
@@ -25,6 +24,7 @@ __all__ = [
     "DoRA",
     "ModuleCopy",
     "Optimization",
+    "ModuleIntervention",
     "SteeringVector",
     "SoftPrompt",
     "LoReFT",
@@ -43,12 +43,11 @@ def _readable_signatures() -> None:
     from . import _signatures
     from .optim.targets import Layers, Targets
 
-    classes = [LORA, DoRA, ModuleCopy, LoraSet, Optimization, SteeringVector, SoftPrompt, LoReFT, DiReFT, InterventionSet]
-    names = {"Envoy": Envoy, "Targets": Targets, "Layers": Layers, **{cls.__name__: cls for cls in classes}}
-    from .optim.loreft import ReftBase
-    from .optim.module_intervention import ModuleIntervention
+    from .optim.kinds import KINDS
 
-    _signatures.resolve([*classes, ModuleIntervention, ReftBase, export_peft, import_peft], names)
+    classes = [*KINDS.values(), ModuleIntervention, LoraSet, InterventionSet, Optimization]  # every kind, by being defined
+    names = {"Envoy": Envoy, "Targets": Targets, "Layers": Layers, **{cls.__name__: cls for cls in classes}}
+    _signatures.resolve([*classes, export_peft, import_peft], names)
 
 
 _readable_signatures()

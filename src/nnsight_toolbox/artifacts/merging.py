@@ -115,12 +115,8 @@ def merge_lora(lora: "LORA", alpha: float = 1.0) -> None:
     kind, weight = _mergeable_weight(lora, "merge")
     layer_bias = _mergeable_bias(lora, "merge") if lora.bias is not None else None
     delta = weight_delta(kind, lora.WA, lora.WB, alpha, weight.device)
-    scale = None
-    if getattr(lora, "magnitude", None) is not None:  # DoRA: rescale each output row to the magnitude
-        merged, scale = _dora_merged(kind, weight.detach().to(torch.float32), delta, lora.magnitude)
-        merged = merged.to(weight.dtype)
-    else:
-        merged = (weight.detach().to(torch.float32) + delta).to(weight.dtype)
+    merged, scale = lora._merged_weight(kind, weight.detach().to(torch.float32), delta)  # DoRA rescales each output row
+    merged = merged.to(weight.dtype)
     merged_bias = None
     if layer_bias is not None:  # PEFT: base_layer.bias += lora_B.bias * scaling
         lora_bias = lora.bias.detach().to(layer_bias.device, torch.float32)
@@ -148,14 +144,6 @@ def merge_lora(lora: "LORA", alpha: float = 1.0) -> None:
         if merged_bias is not None:
             layer_bias.copy_(merged_bias)
     lora._merge_record = record
-
-
-def _dora_merged(kind: str, weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """DoRA's merged weight in float32 and its per-output factor ``m / ||W + dW||`` (PEFT's ``dora_factor``)."""
-    combined = weight + delta  # laid out like the layer's weight
-    rows = combined if kind == "Linear" else combined.T  # (out, in): a norm per output feature
-    scale = magnitude.detach().to(weight.device, torch.float32) / torch.linalg.norm(rows, dim=1)  # (out,)
-    return (combined * (scale[:, None] if kind == "Linear" else scale[None, :])), scale
 
 
 def unmerge_lora(lora: "LORA") -> None:

@@ -1,48 +1,57 @@
-"""This package's own adapter format: a safetensors file and a JSON sidecar.
+"""This package's own file format, for one intervention or a whole collection.
 
-A saved adapter is a directory::
+A saved directory holds two files::
 
     <directory>/
-        lora.safetensors   WA (input_dim, r) and WB (r, output_dim), in the adapter's dtype;
-                           also bias (output_dim,) with ``bias=True``, and magnitude
-                           (output_dim,) for a `DoRA` adapter
-        lora.json          its type (LORA or DoRA), whether it has a bias,
-                           r, widths, dtype, dropout, the module path it was trained on,
-                           the package version, the format version, and the tensor
-                           file's SHA-256
+        interventions.safetensors   "<i>.<name>": the `state_dict()` tensors of entry i
+        interventions.json          format, format_version, package_version, the tensor
+                                    file's SHA-256, and one entry per intervention:
+                                    {kind, module_path, module_type, config, training,
+                                     metadata, tensors: {name: {shape, dtype}}}
 
-Any module an adapter can sit on saves, blocks and decoder layers included
-(PEFT's format takes only Linear, Conv1D and Embedding layers; see
-`nnsight_toolbox.artifacts.peft_format`). Loading reads JSON and safetensors
-only, never pickle, and checks everything (files, checksum, keys, shapes,
-dtypes, finite values, the target's widths) before it builds the adapter.
+``kind`` is the class name (`nnsight_toolbox.optim.kinds`), ``config`` what
+``kind.config()`` returned, and ``module_path`` the module's path inside the model
+(``transformer.h.0.mlp``, as in a Hugging Face ``state_dict``), so a collection
+loads onto any nnsight wrapper of the same architecture. One intervention is a
+collection of one: `ModuleIntervention.save` and `InterventionSet.save` write
+the same format.
 
-A whole `LoraSet` saves to one directory in the sibling format of
-`nnsight_toolbox.artifacts.native_set`, which records the same fields per adapter.
+One reader serves every kind, the user's own included, and touches nothing
+before it has checked everything:
 
-Compatibility: a plain `LORA` without a bias is written as ``format_version``
-1, which every version of this package reads; a `DoRA` or a biased adapter as
-version 2, which records ``type`` and ``bias`` and the extra tensors, so an
-older version refuses it with a message to upgrade rather than misreading it.
-Version 1 files read as a plain `LORA` without a bias. Later versions of this package keep
-reading every version up to their own; a file from a newer version is refused
-with a message to upgrade.
+1. the sidecar: format, version, and each entry's fields;
+2. for each entry, ``kind._build_for_load(module, config)``, i.e.
+   ``kind(module, **config)``: a fresh object, which also checks the options;
+   then the saved widths against the module's;
+3. the tensor file's header (names, shapes, dtypes) against the fresh objects'
+   ``state_dict()``, before any data is read; then the checksum; then finite values;
+4. only then the tensors go into the objects (`load_state_dict`).
+
+A save goes through `files.replace_directory`, so it replaces the whole
+directory at once.
+
+Earlier formats load through the same steps: their sidecars are read into the
+same entries. They are ``lora.json`` (`LORA`/`DoRA`, versions 1 and 2),
+``lora_set.json`` (a `LoraSet`, versions 1 and 2), ``intervention.json`` and
+``interventions.json`` version 1. A directory holding several sidecars loads
+from the newest format (a save keeps other files, so an old sidecar may remain).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._version import __version__
 from ..optim.dims import infer_dims
+from ..optim.kinds import KINDS, kind_named
+from ..optim.paths import envoy_at
 from .files import (
     check_finite,
-    is_number,
     read_header,
     read_json,
     read_tensors,
@@ -57,254 +66,285 @@ from .files import (
 if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
 
-    from ..optim.lora import LORA
+__all__ = ["FORMAT", "FORMAT_VERSION", "TENSORS_FILE", "SIDECAR_FILE", "save_interventions", "load_one", "load_many"]
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "TENSORS_FILE", "SIDECAR_FILE", "save_lora", "load_lora"]
-
-FORMAT = "nnsight-toolbox/lora"
-#: The newest version this package writes (for a DoRA or biased adapter; a plain one
-#: is still written as 1). Readers accept every version up to it.
+FORMAT = "nnsight-toolbox/intervention-set"
+#: The version this package writes. Readers accept every version up to it.
 FORMAT_VERSION = 2
-TENSORS_FILE = "lora.safetensors"
-SIDECAR_FILE = "lora.json"
+TENSORS_FILE, SIDECAR_FILE = "interventions.safetensors", "interventions.json"
 
-_HINT = "Save an adapter there with `lora.save(directory)`."
+#: Sidecars of earlier formats, newest first: (sidecar, tensor file, format name, newest version).
+EARLIER = (
+    ("lora_set.json", "lora_set.safetensors", "nnsight-toolbox/lora-set", 2),
+    ("lora.json", "lora.safetensors", "nnsight-toolbox/lora", 2),
+    ("intervention.json", "intervention.safetensors", "nnsight-toolbox/intervention", 1),
+)
 
-
-@dataclass(frozen=True)
-class SavedLora:
-    """A validated saved adapter, not yet placed on a module."""
-
-    r: int
-    input_dim: int
-    output_dim: int
-    takes_ids: bool
-    dropout: float
-    training: bool
-    module_path: str
-    WA: torch.Tensor  # (input_dim, r)
-    WB: torch.Tensor  # (r, output_dim)
-    kind: str = "LORA"  # or "DoRA"
-    bias: torch.Tensor | None = None  # (output_dim,)
-    magnitude: torch.Tensor | None = None  # (output_dim,), DoRA only
+_HINT = "Save one there with `intervention.save(directory)` (or `interventions.save(directory)` for a set)."
 
 
-def save_lora(lora: "LORA", directory: str | os.PathLike) -> Path:
-    """Write ``lora`` to ``directory`` (created if needed) as ``lora.safetensors`` + ``lora.json``.
+class Entry:
+    """One intervention as a sidecar describes it, whatever the format's version.
 
-    The directory is replaced as a whole (`files.replace_directory`): if the save
-    is interrupted at any point, it loads as the complete old adapter or the
-    complete new one. Other files in it are kept.
+    A plain class, as `nnsight_toolbox.optim.dims.ModuleDims` is (remote servers
+    rebuild this package from source).
+    """
+
+    __slots__ = ("kind", "module_path", "config", "training", "metadata", "prefix")
+
+    def __init__(self, kind: str, module_path: str, config: dict, training: bool, metadata: dict, prefix: str) -> None:
+        self.kind = kind  # a class name
+        self.module_path = module_path  # inside the model, or (earlier single files) the nnsight path
+        self.config = config  # the constructor's keyword arguments
+        self.training = training
+        self.metadata = metadata
+        self.prefix = prefix  # what its tensors' names carry in the file
+
+
+class Saved:
+    """A read sidecar: its entries and where its files are."""
+
+    __slots__ = ("entries", "sidecar_path", "tensors_path", "sha256", "is_set")
+
+    def __init__(self, entries: list[Entry], sidecar_path: Path, tensors_path: Path, sha256: str, is_set: bool) -> None:
+        self.entries = entries
+        self.sidecar_path = sidecar_path
+        self.tensors_path = tensors_path
+        self.sha256 = sha256
+        self.is_set = is_set  # written by a collection (a `LoraSet` or `InterventionSet`)
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+
+def save_interventions(members: list, directory: str | os.PathLike, root_path: str, what: str, *, is_set: bool = False) -> Path:
+    """Write ``members`` (interventions of one model, in order) to ``directory``, replaced as a whole.
+
+    ``root_path`` is the model root's nnsight path (``"model"``), which module
+    paths are written relative to; ``what`` names the call, for errors.
 
     Examples:
-        >>> save_lora(lora, "adapters/mlp")
-        PosixPath('adapters/mlp')
+        >>> from nnsight_toolbox import SteeringVector
+        >>> save_interventions([SteeringVector(model.transformer.h[0])], "steer", "model", "`SteeringVector.save`")
+        PosixPath('steer')
     """
-    from .. import __version__
-
-    tensors = adapter_tensors(lora)
+    entries, tensors = [], {}
+    for i, obj in enumerate(members):
+        entry, state = entry_of(obj, relative_path(obj.module.path, root_path), what)
+        entries.append(entry)
+        tensors.update({f"{i}.{name}": tensor for name, tensor in state.items()})
     data = tensor_bytes(tensors)
     sidecar = {
         "format": FORMAT,
-        "format_version": format_version([lora]),
+        "format_version": FORMAT_VERSION,
         "package_version": __version__,
-        **adapter_fields(lora, lora.path),
-        "tensors": {name: list(tensor.shape) for name, tensor in tensors.items()},
+        "collection": is_set,
+        "interventions": entries,
         "sha256": sha256_hex(data),
     }
     files = {TENSORS_FILE: data, SIDECAR_FILE: (json.dumps(sidecar, indent=2) + "\n").encode()}
-    return replace_directory(directory, files, "`lora.save`")
+    return replace_directory(directory, files, what)
 
 
-def load_lora(directory: str | os.PathLike, module: "Envoy", cls: type["LORA"] | None = None) -> "LORA":
-    """A new adapter on ``module`` with the weights saved in ``directory``.
+def entry_of(obj: Any, module_path: str, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """What the sidecar records of one intervention, and its tensors by name."""
+    name = type(obj).__name__
+    config, metadata = getattr(obj, "config", None), getattr(obj, "metadata", None)
+    if name not in KINDS or not callable(config) or not isinstance(metadata, dict):
+        raise TypeError(
+            f"{what} cannot save a `{name}`: the format holds kinds of intervention on a module, "
+            f"subclasses of `ModuleIntervention` (which records its options in `config()`). "
+            f"Save its tensors with `safetensors.torch.save_file(obj.state_dict(), path)` instead."
+        )
+    config = config()
+    for value, where in ((config, f"`{name}.config()`"), (metadata, f"`{name}.metadata`")):
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"{what}: {where} must hold JSON values (str, number, bool, None, and lists and "
+                f"dicts of them), so the format can record it: {error}."
+            ) from None
+    state = {key: value.detach() for key, value in obj.state_dict().items()}
+    entry = {
+        "kind": name,
+        "module_path": module_path,
+        "module_type": type(obj.module._module).__name__,
+        "config": config,
+        "training": obj.training,
+        "metadata": metadata,
+        "tensors": {key: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for key, t in state.items()},
+    }
+    return entry, state
 
-    ``module`` may be at another path than the one the adapter was trained on
-    (the caller chose it); its widths must match the saved ones.
+
+def relative_path(path: str, root_path: str) -> str:
+    """An nnsight path (``model.transformer.h.0``) as a path inside the model (``transformer.h.0``)."""
+    return path[len(root_path) + 1 :] if path.startswith(root_path + ".") else path
+
+
+# ---------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------
+
+
+def load_one(directory: str | os.PathLike, module: "Envoy", cls: type) -> Any:
+    """The one intervention saved in ``directory``, built on ``module``; its kind must be ``cls`` or a subclass.
 
     Examples:
-        >>> save_lora(lora, "adapters/mlp")
-        PosixPath('adapters/mlp')
-        >>> moved = load_lora("adapters/mlp", model.transformer.h[1].mlp)   # same widths, another layer
-        >>> moved.path
-        'model.transformer.h.1.mlp'
+        >>> from nnsight_toolbox import SteeringVector
+        >>> SteeringVector(model.transformer.h[0]).save("steer")
+        >>> load_one("steer", model.transformer.h[1], SteeringVector).path
+        'model.transformer.h.1'
     """
-    from ..optim.lora import LORA, _check_envoy
-
-    _check_envoy(module)
-    saved = read_saved_lora(directory)
-    check_fits(saved, module, Path(directory))
-    return build_lora(saved, module, LORA if cls is None else cls)
-
-
-#: The adapter types this format saves, by the name a sidecar records in ``type``.
-ADAPTER_TYPES = ("LORA", "DoRA")
-
-
-def adapter_tensors(lora: "LORA") -> dict[str, torch.Tensor]:
-    """The tensors one adapter saves, by name: ``WA``, ``WB``, and ``bias``/``magnitude`` if it has them."""
-    tensors = {"WA": lora.WA, "WB": lora.WB}
-    if lora.bias is not None:
-        tensors["bias"] = lora.bias
-    if getattr(lora, "magnitude", None) is not None:
-        tensors["magnitude"] = lora.magnitude
-    return tensors
-
-
-def format_version(adapters: list) -> int:
-    """1 for plain unbiased `LORA` adapters, which every version of this package reads; 2 otherwise."""
-    from ..optim.lora import LORA
-
-    plain = all(type(a) is LORA and a.bias is None for a in adapters)
-    return 1 if plain else FORMAT_VERSION
-
-
-def tensor_names(fields: dict[str, Any]) -> list[str]:
-    """The tensors a sidecar's checked ``fields`` say the adapter has."""
-    names = ["WA", "WB"]
-    if fields.get("bias", False):
-        names.append("bias")
-    if fields.get("type", "LORA") == "DoRA":
-        names.append("magnitude")
-    return names
-
-
-def adapter_fields(lora: "LORA", module_path: str) -> dict[str, Any]:
-    """What a sidecar records of one adapter (the set format records the same per adapter)."""
-    return {
-        "type": "DoRA" if getattr(lora, "magnitude", None) is not None else "LORA",
-        "bias": lora.bias is not None,
-        "module_path": module_path,
-        "module_type": type(lora.module._module).__name__,
-        "r": lora.r,
-        "input_dim": lora.input_dim,
-        "output_dim": lora.output_dim,
-        "takes_ids": lora.takes_ids,
-        "dtype": _dtype_name(lora.WA.dtype),
-        "dropout": lora.dropout,
-        "training": lora.training,
-    }
-
-
-def build_lora(saved: SavedLora, module: "Envoy", cls: type["LORA"]) -> "LORA":
-    """A new adapter on ``module`` holding ``saved``'s weights (already checked to fit).
-
-    A saved `DoRA` adapter comes back as a `DoRA`, whatever ``cls`` asked for.
-    """
-    if saved.kind == "DoRA":
-        from ..optim.dora import DoRA
-
-        lora = DoRA(module, saved.r, dropout=saved.dropout, dtype=saved.WA.dtype)
-    else:
-        lora = cls(
-            module,
-            saved.r,
-            dropout=saved.dropout,
-            dtype=saved.WA.dtype,
-            input_dim=saved.input_dim,
-            output_dim=saved.output_dim,
-            bias=saved.bias is not None,
+    saved = read_saved(directory)
+    where = f"`{saved.sidecar_path}`"
+    if len(saved.entries) != 1:
+        raise ValueError(
+            f"{where} holds a collection of {len(saved.entries)} interventions, not one. Load it with "
+            f"`InterventionSet.load(directory, model)` (or `LoraSet.load` for adapters)."
         )
-    with torch.no_grad():
-        lora.WA.copy_(saved.WA)
-        lora.WB.copy_(saved.WB)
-        if saved.bias is not None:
-            lora.bias.copy_(saved.bias)
-        if saved.magnitude is not None:
-            lora.magnitude.copy_(saved.magnitude)
-    lora.train(saved.training)
-    return lora
+    entry = saved.entries[0]
+    kind = kind_named(entry.kind, where)
+    if not issubclass(kind, cls):
+        raise ValueError(
+            f"{where} holds a saved `{entry.kind}`, which is not a `{cls.__name__}`. Load it with "
+            f"`{entry.kind}.load(directory, module)` (or `ModuleIntervention.load` for any kind)."
+        )
+    return _build_and_fill(saved, [(entry, module, module.path)])[0]
 
 
-def read_saved_lora(directory: str | os.PathLike) -> SavedLora:
-    """Read and check a saved adapter: every failure names the file at fault."""
+def load_many(directory: str | os.PathLike, model: "Envoy", what: str) -> list:
+    """Every intervention saved in ``directory``, each on ``model``'s module at its saved path.
+
+    Examples:
+        >>> from nnsight_toolbox import InterventionSet, SteeringVector
+        >>> InterventionSet([SteeringVector(model.transformer.h[0])]).save("mix")
+        >>> [obj.path for obj in load_many("mix", model, "`InterventionSet.load`")]
+        ['model.transformer.h.0']
+    """
+    if model.root is not model:
+        raise ValueError(
+            f"{what} needs the whole model, since a saved collection names its modules from the "
+            f"model's root; got the module `{model.path}`. Pass `model` itself."
+        )
+    saved = read_saved(directory)
+    names = {name for name, _ in model._module.named_modules() if name}
+    placed, missing = [], []
+    for entry in saved.entries:
+        path = relative_path(entry.module_path, model.path)
+        if path not in names:
+            missing.append(f"{model.path}.{path}")
+            continue
+        placed.append((entry, envoy_at(model, path), f"{model.path}.{path}"))
+    if missing:
+        shown = ", ".join(f"`{model.path}.{n}`" for n in sorted(names)[:4])
+        raise ValueError(
+            f"`{saved.sidecar_path}` has interventions on {len(missing)} module(s) this model does not have, "
+            f"e.g. `{missing[0]}`. Its modules are named like {shown}, ... Load it onto the model it was "
+            f"trained on (or one of the same architecture), passing the model itself."
+        )
+    return _build_and_fill(saved, placed)
+
+
+def _build_and_fill(saved: Saved, placed: list[tuple[Entry, "Envoy", str]]) -> list:
+    """Fresh objects for the entries, every file checked against them, then filled; or an error and nothing built."""
+    objects = [_build(entry, module, shown, f"`{saved.sidecar_path}`, {entry.kind} on `{shown}`") for entry, module, shown in placed]
+    header = read_header(saved.tensors_path, allow_short=True)  # names, shapes and dtypes before any data
+    expected: dict[str, tuple[Any, str]] = {}
+    for obj, (entry, _, shown) in zip(objects, placed):
+        for key, value in obj.state_dict().items():
+            expected[entry.prefix + key] = (value, f"the {entry.kind} on `{shown}`")
+    if set(header) != set(expected):
+        missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+        raise ValueError(
+            f"`{saved.tensors_path}` does not hold the tensors `{saved.sidecar_path}` describes: missing "
+            f"{missing[:4] or 'none'}, unexpected {extra[:4] or 'none'}. The two files do not belong together."
+        )
+    for name, (value, whose) in expected.items():
+        info = header[name]
+        if tuple(info.shape) != tuple(value.shape) or info.dtype != value.dtype:
+            shown = info.dtype if info.dtype is not None else info.code
+            raise ValueError(
+                f"`{saved.tensors_path}`: tensor `{name}` is {shown} {tuple(info.shape)}, but {whose} "
+                f"(as `{saved.sidecar_path}` describes it) needs {value.dtype} {tuple(value.shape)}. "
+                f"The two files do not belong together."
+            )
+    data = saved.tensors_path.read_bytes()
+    if sha256_hex(data) != saved.sha256:
+        raise ValueError(
+            f"`{saved.tensors_path}` does not match the checksum recorded in `{saved.sidecar_path}`: "
+            f"it is truncated or damaged, or belongs to another save. Save it again."
+        )
+    tensors = read_tensors(saved.tensors_path, data)
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            check_finite(tensor, name, saved.tensors_path)
+    for obj, (entry, _, _) in zip(objects, placed):
+        obj.load_state_dict({key: tensors[entry.prefix + key] for key in obj.state_dict()})
+        obj.train(entry.training)
+        obj.metadata = dict(entry.metadata)
+    return objects
+
+
+def _build(entry: Entry, module: "Envoy", shown: str, where: str) -> Any:
+    """A fresh intervention of the entry's kind and options on ``module``, its widths checked."""
+    kind = kind_named(entry.kind, where)
+    try:
+        obj = kind._build_for_load(module, entry.config)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: the saved options {entry.config} do not build a `{entry.kind}` there: {error}") from error
+    widths = {k: entry.config[k] for k in ("input_dim", "output_dim") if k in entry.config}
+    if widths:
+        try:
+            dims = infer_dims(module)
+        except (TypeError, ValueError):
+            dims = None  # widths only the user knew: the intervention's own shape checks guard each call
+        if dims is not None and any(getattr(dims, k) != v for k, v in widths.items()):
+            raise ValueError(
+                f"{where}: it was saved with {widths}, but `{shown}` ({type(module._module).__name__}) has "
+                f"input_dim={dims.input_dim}, output_dim={dims.output_dim}. Load it onto a module of the same widths."
+            )
+    return obj
+
+
+def read_saved(directory: str | os.PathLike) -> Saved:
+    """Read and check a saved directory's sidecar, of any version: every failure names the file at fault."""
     directory = saved_directory(directory)  # the old copy, if a save was interrupted mid-swap
-    directory = require_directory(directory, "a saved adapter (`lora.json` and `lora.safetensors`)", _HINT)
-    sidecar_path = require_file(directory / SIDECAR_FILE, "the adapter's JSON sidecar", _set_hint(directory))
-    tensors_path = require_file(directory / TENSORS_FILE, "the adapter's tensors", _HINT)
+    directory = require_directory(directory, "a saved intervention (`interventions.json` and `interventions.safetensors`)", _HINT)
+    for sidecar_name, tensors_name, format_name, newest in ((SIDECAR_FILE, TENSORS_FILE, FORMAT, FORMAT_VERSION), *EARLIER):
+        if (directory / sidecar_name).is_file():
+            break
+    else:
+        raise FileNotFoundError(
+            f"`{directory}` holds no saved intervention: it has no `{SIDECAR_FILE}` (nor a `lora.json`, "
+            f"`lora_set.json` or `intervention.json` of earlier versions). {_HINT} For a PEFT adapter "
+            f"use `import_peft`."
+        )
+    sidecar_path = directory / sidecar_name
+    tensors_path = require_file(directory / tensors_name, "the saved tensors", _HINT)
     sidecar = read_json(sidecar_path)
-    check_format(sidecar, sidecar_path, FORMAT, FORMAT_VERSION, "For a PEFT adapter use `import_peft`.")
-    check_adapter_fields(sidecar, f"`{sidecar_path}`")
+    check_format(sidecar, sidecar_path, format_name, newest, "For a PEFT adapter use `import_peft`.")
+    where = f"`{sidecar_path}`"
     if not isinstance(sidecar.get("sha256"), str):
-        raise ValueError(f"`{sidecar_path}`: field `sha256` should be a str, got {sidecar.get('sha256')!r}.")
-    # The header first: its names, shapes and dtypes must be the sidecar's before any data is read.
-    header = read_header(tensors_path, allow_short=True)  # a short file fails the checksum below
-    names = tensor_names(sidecar)
-    if set(header) != set(names):
-        raise ValueError(
-            f"`{tensors_path}` should hold exactly the tensors {names} (`{sidecar_path}` describes a "
-            f"{sidecar.get('type', 'LORA')}{' with a bias' if sidecar.get('bias') else ''}), but holds {sorted(header)}."
-        )
-    for name in names:
-        check_layout(sidecar, name, header[name], tensors_path, sidecar_path)
-    tensors = read_checked_tensors(tensors_path, sidecar_path, sidecar["sha256"])
-    return saved_lora(sidecar, tensors, tensors_path, sidecar_path)
-
-
-def read_checked_tensors(tensors_path: Path, sidecar_path: Path, sha256: str) -> dict[str, torch.Tensor]:
-    """The tensors of ``tensors_path``, once its bytes match the checksum ``sidecar_path`` recorded.
-
-    Call `files.read_header` first: it refuses a file larger than its header describes.
-    """
-    data = tensors_path.read_bytes()
-    if sha256_hex(data) != sha256:
-        raise ValueError(
-            f"`{tensors_path}` does not match the checksum recorded in `{sidecar_path}`: "
-            f"it is truncated or damaged, or belongs to another adapter. Save the adapter again."
-        )
-    return read_tensors(tensors_path, data)
-
-
-def saved_lora(
-    fields: dict[str, Any], tensors: dict[str, torch.Tensor], tensors_path: Path, sidecar_path: Path, prefix: str = ""
-) -> SavedLora:
-    """One adapter's checked fields and tensors as a `SavedLora`; shapes, dtypes and values checked.
-
-    ``prefix`` is what the tensors' names carry in the file (the set format
-    keys them by module path); ``tensors`` holds the file's tensors by full name.
-    """
-    r, input_dim, output_dim = fields["r"], fields["input_dim"], fields["output_dim"]
-    own = {name: tensors[prefix + name] for name in tensor_names(fields)}
-    for name, tensor in own.items():
-        check_layout(fields, prefix + name, tensor, tensors_path, sidecar_path)
-        check_finite(tensor, prefix + name, tensors_path)
-    WA, WB = own["WA"], own["WB"]
-    return SavedLora(
-        r=r,
-        input_dim=input_dim,
-        output_dim=output_dim,
-        takes_ids=fields["takes_ids"],
-        dropout=float(fields["dropout"]),
-        training=fields["training"],
-        module_path=fields["module_path"],
-        WA=WA,
-        WB=WB,
-        kind=fields.get("type", "LORA"),
-        bias=own.get("bias"),
-        magnitude=own.get("magnitude"),
-    )
-
-
-def check_layout(fields: dict[str, Any], name: str, tensor: Any, tensors_path: Path, sidecar_path: Path) -> None:
-    """Tensor ``name`` (``...WA`` or ``...WB``; a tensor, or a `files.TensorInfo` read from the
-    header) must have the shape and dtype the adapter's checked ``fields`` say."""
-    r, input_dim, output_dim = fields["r"], fields["input_dim"], fields["output_dim"]
-    if name.endswith("WA"):
-        expected = (input_dim, r)
-    elif name.endswith("WB"):
-        expected = (r, output_dim)
-    else:  # bias, magnitude: one number per output feature
-        expected = (output_dim,)
-    if tuple(tensor.shape) != expected:
-        raise ValueError(
-            f"`{tensors_path}`: tensor `{name}` has shape {tuple(tensor.shape)}, but "
-            f"`{sidecar_path}` says r={r}, input_dim={input_dim}, output_dim={output_dim}, "
-            f"so it should be {expected}. The two files do not belong together."
-        )
-    dtype = getattr(torch, fields["dtype"])
-    if tensor.dtype != dtype:
-        shown = tensor.dtype if tensor.dtype is not None else getattr(tensor, "code", "?")
-        raise ValueError(f"`{tensors_path}`: tensor `{name}` is {shown}, but `{sidecar_path}` says {dtype}.")
+        raise ValueError(f"{where}: field `sha256` should be a str, got {sidecar.get('sha256')!r}.")
+    if format_name == "nnsight-toolbox/lora":
+        entries, is_set = [_lora_entry(sidecar, where, "")], False
+    elif format_name == "nnsight-toolbox/intervention":
+        entries, is_set = [_entry(sidecar, where, "")], False
+    else:
+        key = "adapters" if format_name == "nnsight-toolbox/lora-set" else "interventions"
+        listed = sidecar.get(key)
+        if not isinstance(listed, list) or not listed:
+            raise ValueError(f"{where}: field `{key}` should be a non-empty list, got {listed!r:.200}.")
+        if key == "adapters":  # tensors keyed by module path
+            entries = [_lora_set_entry(item, f"{where}, entry {i}") for i, item in enumerate(listed)]
+        else:
+            entries = [_entry(item, f"{where}, entry {i}", f"{i}.") for i, item in enumerate(listed)]
+        is_set = sidecar.get("collection", True) is not False
+    return Saved(entries, sidecar_path, tensors_path, sidecar["sha256"], is_set)
 
 
 def check_format(sidecar: dict[str, Any], path: Path, expected: str, newest: int, other_hint: str) -> None:
@@ -325,68 +365,43 @@ def check_format(sidecar: dict[str, Any], path: Path, expected: str, newest: int
         )
 
 
-def check_adapter_fields(fields: Any, where: str) -> None:
-    """One adapter's recorded fields (see `adapter_fields`) must have the right types and ranges."""
+def _entry(item: Any, where: str, prefix: str) -> Entry:
+    """An entry of this format (``kind``) or of ``intervention.json``/``interventions.json`` version 1 (``type``)."""
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: an intervention's entry should be a JSON object, got {item!r:.200}.")
+    kind = item.get("kind", item.get("type"))
+    config, training, metadata = item.get("config"), item.get("training"), item.get("metadata", {})
+    path = item.get("module_path")
+    if not isinstance(kind, str) or not isinstance(path, str) or not isinstance(config, dict) or not isinstance(training, bool) or not isinstance(metadata, dict):
+        raise ValueError(
+            f"{where}: an entry needs `kind` (a str), `module_path` (a str), `config` (an object), "
+            f"`training` (true or false) and, optionally, `metadata` (an object); got {item!r:.300}."
+        )
+    return Entry(kind, path, config, training, metadata, prefix)
+
+
+def _lora_entry(fields: Any, where: str, prefix: str) -> Entry:
+    """An adapter of ``lora.json`` (or of ``lora_set.json``'s list): its fields are the constructor's."""
     if not isinstance(fields, dict):
-        raise ValueError(f"{where}: an adapter's entry should be a JSON object, got {fields!r}.")
-    expected = {
-        "module_path": str,
-        "r": int,
-        "input_dim": int,
-        "output_dim": int,
-        "takes_ids": bool,
-        "dtype": str,
-        "training": bool,
-    }
-    for key, kind in expected.items():
+        raise ValueError(f"{where}: an adapter's entry should be a JSON object, got {fields!r:.200}.")
+    kind = fields.get("type", "LORA")
+    for key, expected in (("module_path", str), ("training", bool), ("r", int), ("input_dim", int), ("output_dim", int), ("dtype", str)):
         value = fields.get(key)
-        wrong_bool = kind is int and isinstance(value, bool)
-        if not isinstance(value, kind) or wrong_bool or (kind is int and value < 1):
-            raise ValueError(
-                f"{where}: field `{key}` should be a {'positive int' if kind is int else kind.__name__}, got {value!r}."
-            )
-    if fields.get("type", "LORA") not in ADAPTER_TYPES:
-        raise ValueError(f"{where}: field `type` should be one of {list(ADAPTER_TYPES)}, got {fields.get('type')!r}.")
-    if not isinstance(fields.get("bias", False), bool):
-        raise ValueError(f"{where}: field `bias` should be true or false, got {fields.get('bias')!r}.")
-    if fields.get("type") == "DoRA" and fields.get("bias"):
-        raise ValueError(f"{where}: a DoRA adapter has no bias (PEFT refuses `lora_bias` with DoRA too), but `bias` is true.")
-    if not is_number(fields.get("dropout")) or not 0.0 <= fields["dropout"] < 1.0:
-        raise ValueError(f"{where}: field `dropout` should be a number in [0, 1), got {fields.get('dropout')!r}.")
-    from ..optim.lora import ADAPTER_DTYPES
-
-    dtype = getattr(torch, fields["dtype"], None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"{where}: field `dtype` should name a floating torch dtype, got {fields['dtype']!r}.")
-    if dtype not in ADAPTER_DTYPES:
-        raise ValueError(
-            f"{where}: field `dtype` is {fields['dtype']!r}, which torch cannot train or multiply "
-            f"with; an adapter is one of {', '.join(_dtype_name(d) for d in ADAPTER_DTYPES)}. "
-            f"The file was not written by `lora.save`; write it again from the adapter."
-        )
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ValueError(f"{where}: field `{key}` should be a {expected.__name__}, got {value!r}.")
+    config = {k: fields[k] for k in ("r", "dropout", "dtype", "input_dim", "output_dim") if k in fields}
+    if fields.get("bias", False) is not False:
+        config["bias"] = fields["bias"]  # only a `LORA` takes it: a DoRA entry with a bias is refused when built
+    return Entry(kind, fields["module_path"], config, fields["training"], {}, prefix)
 
 
-def _set_hint(directory: Path) -> str:
-    """Point at `LoraSet.load` when ``directory`` holds a saved set rather than one adapter."""
-    if (directory / "lora_set.json").is_file():
-        return "It holds a saved `LoraSet` (`lora_set.json`): load it with `LoraSet.load(directory, model)`."
-    return _HINT
-
-
-def check_fits(saved: SavedLora, module: "Envoy", directory: Path) -> None:
-    """The saved widths must be the module's; its path may differ (the caller chose it)."""
-    dims = infer_dims(module)
-    saved_shape = (saved.input_dim, saved.output_dim)
-    module_shape = (dims.input_dim, dims.output_dim)
-    if saved_shape != module_shape or saved.takes_ids != dims.takes_ids:
-        what = lambda ids: "token ids" if ids else "activations"  # noqa: E731
-        raise ValueError(
-            f"The adapter in `{directory}` was trained on `{saved.module_path}` with "
-            f"(input_dim, output_dim) = {saved_shape} on {what(saved.takes_ids)}, but "
-            f"`{module.path}` ({type(module._module).__name__}) has {module_shape} on "
-            f"{what(dims.takes_ids)}. Load it onto a module of the same shape."
-        )
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def _lora_set_entry(fields: Any, where: str) -> Entry:
+    """An entry of ``lora_set.json``: an adapter, or a `ModuleCopy` (whose tensors the file keys ``<path>.copy.<name>``)."""
+    if isinstance(fields, dict) and fields.get("type") == "ModuleCopy":
+        path, training = fields.get("module_path"), fields.get("training")
+        if not isinstance(path, str) or not isinstance(training, bool):
+            raise ValueError(f"{where}: a `ModuleCopy` entry needs `module_path` (a str) and `training` (true or false).")
+        return Entry("ModuleCopy", path, {}, training, {}, f"{path}.")
+    entry = _lora_entry(fields, where, "")
+    entry.prefix = f"{entry.module_path}."
+    return entry

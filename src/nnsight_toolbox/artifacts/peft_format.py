@@ -214,7 +214,7 @@ def export_peft(
             copies.append((name, state))
             continue
         kind = _exportable_kind(lora)
-        for part, tensor in (("WA", lora.WA), ("WB", lora.WB), ("bias", lora.bias), ("magnitude", getattr(lora, "magnitude", None))):
+        for part, tensor in (("WA", lora.WA), ("WB", lora.WB), ("bias", lora.bias), ("magnitude", lora.magnitude if _is_dora(lora) else None)):
             if tensor is not None:
                 check_finite(tensor.detach(), part, f"the adapter on {lora.path}")
         seen[name] = kind
@@ -254,9 +254,9 @@ def _export_variant(entries: list[tuple[str, str, "LORA"]], copies: list, alpha:
             f"the low-rank terms but swaps a copy in whole, so it could not compute the copies' "
             f"blend. Export with alpha=1."
         )
-    dora = [name for name, _, lora in entries if getattr(lora, "magnitude", None) is not None]
+    dora = [name for name, _, lora in entries if _is_dora(lora)]
     if dora and len(dora) != len(entries):
-        plain = next(name for name, _, lora in entries if getattr(lora, "magnitude", None) is None)
+        plain = next(name for name, _, lora in entries if not _is_dora(lora))
         raise ValueError(
             f"`export_peft` got DoRA adapters (e.g. on `{dora[0]}`) and plain ones (e.g. on "
             f"`{plain}`); PEFT's `use_dora` holds for every module of an adapter. Export them to "
@@ -271,6 +271,12 @@ def _export_variant(entries: list[tuple[str, str, "LORA"]], copies: list, alpha:
             f"refuses it on embeddings. Export the embedding's adapter to its own directory."
         )
     return bool(dora), bool(biased)
+
+
+def _is_dora(lora: Any) -> bool:
+    from ..optim.dora import DoRA
+
+    return isinstance(lora, DoRA)
 
 
 def _as_list(loras: Any) -> list["LORA"]:
@@ -452,16 +458,17 @@ def import_peft(
     """
     from ..optim.adapter_set import LoraSet
     from ..optim.dora import DoRA
-    from ..optim.lora import LORA, _check_dtype, _check_envoy
+    from ..optim.lora import LORA
     from ..optim.module_copy import ModuleCopy
+    from ..optim.module_intervention import check_dtype, check_envoy
 
-    _check_envoy(model)
+    check_envoy(model, "import_peft")
     if model.root is not model:
         raise ValueError(
             f"`import_peft` needs the whole model, since PEFT names modules from its root; "
             f"got the module `{model.path}`. Pass `model` itself."
         )
-    _check_dtype(dtype)
+    check_dtype(dtype, "import_peft")
     directory = _adapter_directory(Path(directory), adapter_name)
     from .peft_prompt import import_prompt_tuning, is_prompt_tuning
 

@@ -1,7 +1,7 @@
-"""Trainable interventions: `Optimization`, `LORA`, `LoraSet`, `SteeringVector`, `SoftPrompt`, `LoReFT`, `DiReFT` and `InterventionSet`.
+"""Trainable interventions: the base `ModuleIntervention`, its kinds, and the collections `InterventionSet` and `LoraSet`.
 
 Examples:
-    >>> from nnsight_toolbox.optim import LORA, LoraSet, Optimization, SteeringVector, LoReFT
+    >>> from nnsight_toolbox.optim import LORA, LoraSet, ModuleIntervention, SteeringVector, LoReFT
 """
 
 from .adapter_set import LoraSet
@@ -11,8 +11,21 @@ from .intervention_set import InterventionSet
 from .lora import LORA
 from .loreft import LoReFT
 from .module_copy import ModuleCopy
+from .module_intervention import ModuleIntervention
 from .optimization import Optimization
 from .soft_prompt import SoftPrompt
 from .steering import SteeringVector
 
-__all__ = ["LORA", "LoraSet", "DoRA", "ModuleCopy", "Optimization", "SteeringVector", "SoftPrompt", "LoReFT", "DiReFT", "InterventionSet"]
+__all__ = [
+    "LORA",
+    "LoraSet",
+    "DoRA",
+    "ModuleCopy",
+    "Optimization",
+    "ModuleIntervention",
+    "SteeringVector",
+    "SoftPrompt",
+    "LoReFT",
+    "DiReFT",
+    "InterventionSet",
+]

@@ -453,29 +453,30 @@ def replace_first_tensor(output: Any, value: torch.Tensor) -> Any:
 # ---------------------------------------------------------------------------
 
 
-def current_mediator(what: str) -> "Mediator":
-    """The invoke whose code is running now, or a clear error outside a trace."""
+def current_mediator(what: str, hint: str = "") -> "Mediator":
+    """The invoke whose code is running now, or a clear error outside a trace.
+
+    ``what`` is the call that was made (``"steer()"``); ``hint`` what else that
+    kind can do instead (a kind that merges says so).
+    """
     ref = getattr(getcurrent(), "mediator", None)
     mediator = ref() if ref is not None else None
     if mediator is None or mediator.worker is None:
         raise RuntimeError(
             f"`{what}` must be called inside `model.trace(...)`, `model.generate(...)` "
-            f"or a `tracer.invoke(...)` block: it switches the adapter on for that run. "
+            f"or a `tracer.invoke(...)` block: it switches the intervention on for that run. "
             f"In a trace with explicit invokes, code outside them is not part of any "
-            f"invoke: call it inside the invoke whose rows it should adapt (an empty "
-            f"`tracer.invoke()` adapts the whole batch). To change the model outside a "
-            f"trace, merge the adapter into the weights instead."
+            f"invoke: call it inside the invoke whose rows it should change (an empty "
+            f"`tracer.invoke()` covers the whole batch)." + (f" {hint}" if hint else "")
         )
     return mediator
 
 
-def check_alpha(alpha: Any) -> float:
-    """``alpha`` as a float, or a clear error."""
+def check_alpha(alpha: Any, call: str = "", means: str = "the strength of the intervention") -> float:
+    """``alpha`` as a float, or a clear error naming ``call`` (``"adapters()"``) and what alpha ``means`` there."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(
-            f"`alpha` must be a finite number (the scale of the low-rank term), got "
-            f"{alpha!r}. Pass e.g. `lora(alpha=1.0)`; 0 switches the adapter off."
-        )
+        example = f" Pass e.g. `{call[:-1]}alpha=1.0)`; 0 switches it off for this invoke." if call.endswith("()") else ""
+        raise ValueError(f"`alpha` must be a finite number ({means}), got {alpha!r}.{example}")
     return float(alpha)
 
 

@@ -26,29 +26,25 @@ paths, so ``state_dict()`` keys are the module paths themselves::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import torch
 
-from .activation import Steps, activate_many, check_alpha, normalize_steps
-from .positions import Positions, normalize_positions
+from .activation import Steps, check_alpha
 from .dims import infer_many_dims
-from .lora import LORA
-from .module_copy import ModuleCopy
+from .intervention_set import InterventionSet
+from .kinds import kind_named
 from .paths import envoy_at
-from .optimization import Optimization
+from .positions import Positions
 from .targets import Layers, Targets, match_targets
 
 if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
 
-__all__ = ["LoraSet", "ParameterCount"]
+    from .lora import LORA
 
-#: What a set holds, one per module: low-rank adapters (`LORA`, and its subclass
-#: `DoRA`) and, for PEFT's ``modules_to_save``, trained copies of whole modules.
-SET_MEMBERS = (LORA, ModuleCopy)
+__all__ = ["LoraSet", "ParameterCount", "adapters_on"]
 
 
 class ParameterCount(NamedTuple):
@@ -70,11 +66,11 @@ class ParameterCount(NamedTuple):
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
 
-class LoraSet(Optimization, Mapping):
+class LoraSet(InterventionSet, Mapping):
     """Many `LORA` adapters of one model, trained and switched on together.
 
-    An `Optimization` (one ``parameters()`` list for one optimizer, one call to
-    apply them all) and a read-only mapping from module path to `LORA`, in the
+    An `InterventionSet` (one ``parameters()`` list for one optimizer, one call
+    to apply them all, one `save`) and a read-only mapping from module path to `LORA`, in the
     order the model reaches the modules. A set may also hold `DoRA` adapters
     and `ModuleCopy` interventions (what `import_peft` builds for PEFT's DoRA
     and ``modules_to_save``), one per module like any adapter. Build one with `LORA.on` (by matching
@@ -85,8 +81,9 @@ class LoraSet(Optimization, Mapping):
     (``"transformer.h.0.attn.c_attn"``) or the module's Envoy.
 
     Args:
-        adapters: The adapters (`LORA`, `DoRA`, `ModuleCopy`), each on a
-            different module of the same model, none inside another's module.
+        adapters: The adapters (`LORA`, `DoRA`, `ModuleCopy`: kinds that merge
+            into the weights), each on a different module of the same model,
+            none inside another's module.
 
     Examples:
         >>> adapters = LoraSet([LORA(model.transformer.h[0].mlp, r=4), LORA(model.transformer.h[1].mlp, r=4)])
@@ -97,17 +94,24 @@ class LoraSet(Optimization, Mapping):
         ['model.transformer.h.0.mlp', 'model.transformer.h.1.mlp']
     """
 
+    call_name = "adapters()"
+
     def __init__(self, adapters: Iterable[LORA]) -> None:
         adapters = _check_adapters(adapters)
-        Optimization.__init__(self)
         root = adapters[0].module.root
         order = {f"{root.path}.{path}" if path else root.path: i for i, path in enumerate(name for name, _ in root._module.named_modules())}
         adapters.sort(key=lambda lora: order.get(lora.path, len(order)))
         _check_not_nested([lora.path for lora in adapters])
-        self._root_path = root.path
-        self._by_path = {lora.path: lora for lora in adapters}
-        for lora in adapters:
+        InterventionSet.__init__(self, adapters)
+
+    def _register(self, members: list) -> None:
+        """Register the adapters as a tree of child modules that mirrors their paths, and index them by path."""
+        self._by_path = {lora.path: lora for lora in members}
+        for lora in members:
             _register_at_path(self, lora.path, lora)
+
+    def _prefix(self, index: int, member: Any) -> str:
+        return f"{member.path}."
 
     @classmethod
     def on(
@@ -138,7 +142,7 @@ class LoraSet(Optimization, Mapping):
             >>> list(adapters)
             ['model.transformer.h.0.attn.c_attn', 'model.transformer.h.0.mlp.c_fc']
         """
-        return cls(adapters_on(LORA, model, targets, r=r, layers=layers, dropout=dropout, dtype=dtype))
+        return cls(adapters_on(kind_named("LORA"), model, targets, r=r, layers=layers, dropout=dropout, dtype=dtype))
 
     # -- applying ------------------------------------------------------------
 
@@ -163,12 +167,7 @@ class LoraSet(Optimization, Mapping):
                 f"run; `adapters()` would add them a second time. Drop the call, or call "
                 f"`adapters.unmerge()` first to apply them per invoke again."
             )
-        alpha = check_alpha(alpha)
-        steps = normalize_steps(steps)
-        chosen = normalize_positions(positions)
-        for lora in self._by_path.values():
-            lora._follow_module_device()
-        activate_many([(lora, lora.module, chosen) for lora in self._by_path.values()], alpha, steps, "adapters()")
+        InterventionSet.forward(self, alpha, steps=steps, positions=positions)
 
     # -- the mapping ---------------------------------------------------------
 
@@ -196,63 +195,19 @@ class LoraSet(Optimization, Mapping):
     def __len__(self) -> int:
         return len(self._by_path)
 
+    def values(self) -> Any:  # the adapters in model order, as `InterventionSet` holds them
+        return self._by_path.values()
+
+    def items(self) -> Any:
+        return self._by_path.items()
+
     # A Mapping compares by contents and so would be unhashable; a module is
     # compared by identity (optimizers and `named_modules` put it in sets).
     __eq__ = object.__eq__
     __ne__ = object.__ne__
     __hash__ = object.__hash__
 
-    @property
-    def root_path(self) -> str:
-        """The model's own nnsight path, the first part of every key (``"model"``).
-
-        Examples:
-            >>> adapters.root_path
-            'model'
-        """
-        return self._root_path
-
-    # -- artifacts -----------------------------------------------------------
-
-    def save(self, directory: str | os.PathLike) -> None:
-        """Save every adapter to ``directory``: ``lora_set.safetensors`` plus a ``lora_set.json`` sidecar.
-
-        One tensor file for the whole set, keyed by module path; the sidecar
-        records each adapter's rank, widths, dtype and dropout. Load it back
-        with `LoraSet.load`; for PEFT's format use `export_peft(adapters, ...)`.
-
-        The directory is replaced as a whole: a save interrupted at any point
-        (Ctrl-C, a crash, a full disk) leaves it loading as the complete old set
-        or the complete new one. Other files in it are kept.
-
-        Examples:
-            >>> adapters = LORA.on(model, ["c_attn"], r=4)
-            >>> adapters.save("adapters/attention")
-            >>> sorted(os.listdir("adapters/attention"))
-            ['lora_set.json', 'lora_set.safetensors']
-        """
-        from ..artifacts.native_set import save_lora_set
-
-        save_lora_set(self, directory)
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike, model: Envoy) -> LoraSet:
-        """A new set on ``model`` with the adapters saved in ``directory`` by `save`.
-
-        Each adapter goes on the module at its saved path, which must exist in
-        ``model`` (the model itself, not a submodule) with the saved widths. Reads JSON and safetensors only (never
-        pickle) and checks every adapter before building any: a damaged file or
-        a model without one of the modules raises, naming it, and builds nothing.
-
-        Examples:
-            >>> LORA.on(model, ["c_attn"], r=4).save("adapters/attention")
-            >>> restored = LoraSet.load("adapters/attention", model)
-            >>> list(restored)
-            ['model.transformer.h.0.attn.c_attn', 'model.transformer.h.1.attn.c_attn']
-        """
-        from ..artifacts.native_set import load_lora_set
-
-        return load_lora_set(directory, model, cls)
+    # -- artifacts: `InterventionSet.save` and `InterventionSet.load`, one format for every set --
 
     @property
     def merged(self) -> bool:
@@ -279,7 +234,7 @@ class LoraSet(Optimization, Mapping):
             ...     ids = tracer.result.save()     # no `adapters()` call: the weights carry them
             >>> adapters.unmerge()
         """
-        alpha = check_alpha(alpha)
+        alpha = check_alpha(alpha, "adapters.merge()", "the scale of every adapter's term")
         already = [path for path, lora in self._by_path.items() if lora.merged]
         if already:
             raise RuntimeError(
@@ -357,7 +312,7 @@ def adapters_on(
     """One ``kind`` (`LORA` or a subclass such as `DoRA`) on every module ``targets`` picks, widths measured at once."""
     paths = match_targets(model, targets, layers)
     envoys = [envoy_at(model, path) for path in paths]
-    dims = infer_many_dims(envoys)  # widths: from weights, or one scan for all
+    dims = infer_many_dims(envoys, kind.__name__)  # widths: from weights, or one scan for all
     return [
         kind(envoy, r, dropout=dropout, dtype=dtype, input_dim=dims[envoy.path].input_dim, output_dim=dims[envoy.path].output_dim)
         for envoy in envoys
@@ -365,17 +320,19 @@ def adapters_on(
 
 
 def _check_adapters(adapters: Any) -> list[LORA]:
-    if isinstance(adapters, SET_MEMBERS) or isinstance(adapters, str) or not isinstance(adapters, Iterable):
+    """The adapters as a list: kinds that merge into the weights (`LORA`, `DoRA`, `ModuleCopy`), one per module."""
+    if isinstance(adapters, str) or not isinstance(adapters, Iterable) or (getattr(adapters, "module", None) is not None and not isinstance(adapters, Mapping)):
         raise TypeError(
             f"`LoraSet` takes an iterable of `LORA` adapters, got {type(adapters).__name__}. "
             f"To build adapters by module name, use `LORA.on(model, ['q_proj', 'v_proj'], r=8)`."
         )
     adapters = list(adapters.values() if isinstance(adapters, Mapping) else adapters)
-    wrong = [type(a).__name__ for a in adapters if not isinstance(a, SET_MEMBERS)]
+    wrong = [type(a).__name__ for a in adapters if getattr(a, "module", None) is None or not callable(getattr(type(a), "merge", None))]
     if not adapters or wrong:
         raise TypeError(
-            f"`LoraSet` takes a non-empty iterable of `LORA`, `DoRA` or `ModuleCopy` "
-            f"interventions, got {'nothing' if not adapters else 'a ' + wrong[0]}."
+            f"`LoraSet` takes a non-empty iterable of adapters that merge into the weights (`LORA`, "
+            f"`DoRA`, `ModuleCopy`), got {'nothing' if not adapters else 'a ' + wrong[0]}. "
+            f"For other kinds, or a mix, use `InterventionSet`."
         )
     roots = {id(lora.module.root) for lora in adapters}
     if len(roots) > 1:

@@ -74,12 +74,12 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
-def scan_dims(envoy: "Envoy") -> ModuleDims:
+def scan_dims(envoy: "Envoy", kind: str = "LORA", reads_input: bool = True) -> ModuleDims:
     """Widths measured by running the whole model on a few tokens (see `scan_many_dims`)."""
-    return scan_many_dims([envoy])[envoy.path]
+    return scan_many_dims([envoy], kind, reads_input)[envoy.path]
 
 
-def scan_many_dims(envoys: "list[Envoy]") -> dict[str, ModuleDims]:
+def scan_many_dims(envoys: "list[Envoy]", kind: str = "LORA", reads_input: bool = True) -> dict[str, ModuleDims]:
     """Widths of several modules of one model, measured by a single run on a few tokens.
 
     First an nnsight scan (fake tensors: no weights are read, so a model still on
@@ -87,36 +87,37 @@ def scan_many_dims(envoys: "list[Envoy]") -> dict[str, ModuleDims]:
     with data-dependent shapes, a kernel with no fake version) and the weights are
     real, one real forward under ``no_grad`` with plain torch hooks. The inputs fit
     the model: token ids from its config, plus decoder ids for an encoder-decoder.
+    ``kind`` is what asks (for the messages); a kind that ``reads_input`` needs a
+    tensor as the module's first input.
     """
     root = envoys[0].root
     first = envoys[0]
     if root.interleaver.interleaving:
         raise RuntimeError(
             f"Cannot infer the widths of `{first.path}` ({type(first._module).__name__}) inside "
-            f"a running trace: that needs a run of the model of its own. Build the adapter "
-            f"before the trace (`lora = LORA(...)`, then `with model.trace(...): lora()`), or "
-            f"pass its widths: `LORA(module, r, input_dim=..., output_dim=...)`."
+            f"a running trace: that needs a run of the model of its own. Build the `{kind}` "
+            f"before the trace, then call it inside, or pass {_widths_hint(kind, reads_input)}."
         )
     inputs = scan_inputs(root._module)
     if inputs is None:
-        raise _cannot_infer(first, "the model has no config with a `vocab_size` to build token inputs from")
+        raise _cannot_infer(first, "the model has no config with a `vocab_size` to build token inputs from", kind, reads_input)
     paths = [envoy.path for envoy in envoys]
     try:
         with root.scan(**inputs) as tracer:
             cache = tracer.cache(modules=paths, include_inputs=True)
-        return {path: dims_from_values(path, cache[path].input, cache[path].output) for path in paths}
+        return {path: dims_from_values(path, cache[path].input, cache[path].output, kind, reads_input) for path in paths}
     except TypeError:
         raise  # a module whose input or output holds no tensor: `dims_from_values` says so
     except Exception as error:  # third-party code under fake tensors: any error can come out
         if _on_meta(root._module):
-            raise _cannot_infer(first, f"a scan on fake tensors failed ({_summary(error)}) and the weights are not loaded yet for a real run") from error
+            raise _cannot_infer(first, f"a scan on fake tensors failed ({_summary(error)}) and the weights are not loaded yet for a real run", kind, reads_input) from error
         scan_error = error
     try:
-        return real_run_dims(root, envoys, inputs)
+        return real_run_dims(root, envoys, inputs, kind, reads_input)
     except TypeError:
         raise
     except Exception as error:
-        raise _cannot_infer(first, f"a scan on fake tensors failed ({_summary(scan_error)}), and so did a real run on a few tokens ({_summary(error)})") from error
+        raise _cannot_infer(first, f"a scan on fake tensors failed ({_summary(scan_error)}), and so did a real run on a few tokens ({_summary(error)})", kind, reads_input) from error
 
 
 def scan_inputs(hf_model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
@@ -133,7 +134,7 @@ def scan_inputs(hf_model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     return inputs
 
 
-def real_run_dims(root: "Envoy", envoys: "list[Envoy]", inputs: dict[str, torch.Tensor]) -> dict[str, ModuleDims]:
+def real_run_dims(root: "Envoy", envoys: "list[Envoy]", inputs: dict[str, torch.Tensor], kind: str = "LORA", reads_input: bool = True) -> dict[str, ModuleDims]:
     """Widths read by plain torch hooks during one real forward of the model, under ``no_grad``."""
     hf_model = root._module
     device = next((p.device for p in hf_model.parameters()), torch.device("cpu"))
@@ -142,7 +143,7 @@ def real_run_dims(root: "Envoy", envoys: "list[Envoy]", inputs: dict[str, torch.
     def hook_for(path: str):
         def hook(module, args, kwargs, output):
             if path not in seen:
-                seen[path] = dims_from_values(path, args[0] if args else next(iter(kwargs.values()), None), output)
+                seen[path] = dims_from_values(path, args[0] if args else next(iter(kwargs.values()), None), output, kind, reads_input)
 
         return hook
 
@@ -168,48 +169,58 @@ def _summary(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:160]}" if text else type(error).__name__
 
 
-def _cannot_infer(envoy: "Envoy", why: str) -> ValueError:
+def _widths_hint(kind: str, reads_input: bool) -> str:
+    if reads_input:
+        return f"`input_dim=` and `output_dim=` yourself, `{kind}(module, ..., input_dim=..., output_dim=...)`: the last dimension of the module's first input and of its output"
+    return f"`output_dim=` yourself, `{kind}(module, ..., output_dim=...)`: the last dimension of the module's output"
+
+
+def _cannot_infer(envoy: "Envoy", why: str, kind: str = "LORA", reads_input: bool = True) -> ValueError:
+    widths = "input and output widths" if reads_input else "output width"
     return ValueError(
-        f"Cannot infer the input and output widths of `{envoy.path}` "
-        f"({type(envoy._module).__name__}): it is not a Linear, Conv1D or Embedding, "
-        f"and {why}. Pass `input_dim=` and `output_dim=` yourself: `LORA(module, r, input_dim=..., output_dim=...)`, "
-        f"the last dimension of the module's first input and of its output."
+        f"Cannot infer the {widths} of `{envoy.path}` ({type(envoy._module).__name__}) for a `{kind}`: "
+        f"it is not a Linear, Conv1D or Embedding, and {why}. Pass {_widths_hint(kind, reads_input)}."
     )
 
 
-def dims_from_values(path: str, input: Any, output: Any) -> ModuleDims:
-    """Widths from a module's first input and its output, with clear errors."""
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(
-            f"`{path}` takes a {type(input).__name__} as its first input, not a "
-            f"tensor, so a LoRA has nothing to multiply. Put the adapter on a "
-            f"module whose first input is a tensor."
-        )
+def dims_from_values(path: str, input: Any, output: Any, kind: str = "LORA", reads_input: bool = True) -> ModuleDims:
+    """Widths from a module's first input and its output, with clear errors.
+
+    A kind that does not ``reads_input`` needs only the output: its input width is 0 where the input holds none.
+    """
     out = first_tensor(output)
     if out is None:
         raise TypeError(
             f"`{path}` returns a {type(output).__name__} that holds no tensor (a "
-            f"tuple's first element must be one), so there is nothing for a LoRA "
-            f"to add to. Put the adapter on a module whose output is a tensor."
+            f"tuple's first element must be one), so a `{kind}` has nothing to "
+            f"change. Put it on a module whose output is a tensor."
+        )
+    if not reads_input:
+        return ModuleDims(input.shape[-1] if isinstance(input, torch.Tensor) and input.dim() else 0, out.shape[-1])
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(
+            f"`{path}` takes a {type(input).__name__} as its first input, not a "
+            f"tensor, so a `{kind}` has nothing to multiply. Put it on a "
+            f"module whose first input is a tensor."
         )
     if input.is_floating_point():
         return ModuleDims(input.shape[-1], out.shape[-1])
     raise TypeError(
-        f"`{path}` takes integer token ids, not activations. A LoRA on token ids "
+        f"`{path}` takes integer token ids, not activations. A `{kind}` on token ids "
         f"needs an `nn.Embedding`; put it on the embedding or on a later module."
     )
 
 
-def infer_dims(envoy: "Envoy") -> ModuleDims:
-    """The adapter widths for ``envoy``'s module: from its weight when it has a
-    known one, otherwise from a scan."""
-    return weight_dims(envoy._module) or scan_dims(envoy)
+def infer_dims(envoy: "Envoy", kind: str = "LORA", reads_input: bool = True) -> ModuleDims:
+    """The widths for ``envoy``'s module: from its weight when it has a known one,
+    otherwise from a scan. ``kind`` names what asks, in the messages."""
+    return weight_dims(envoy._module) or scan_dims(envoy, kind, reads_input)
 
 
-def infer_many_dims(envoys: "list[Envoy]") -> dict[str, ModuleDims]:
+def infer_many_dims(envoys: "list[Envoy]", kind: str = "LORA") -> dict[str, ModuleDims]:
     """`infer_dims` for several modules of one model, with at most one scan."""
     dims = {envoy.path: weight_dims(envoy._module) for envoy in envoys}
     unknown = [envoy for envoy in envoys if dims[envoy.path] is None]
     if unknown:
-        dims.update(scan_many_dims(unknown))
+        dims.update(scan_many_dims(unknown, kind))
     return dims

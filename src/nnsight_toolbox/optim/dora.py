@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from ..artifacts.layers import describe_module, layer_kind
 from .lora import LORA
+from .module_intervention import check_envoy
 
 if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
@@ -71,6 +73,8 @@ class DoRA(LORA):
         torch.Size([128])
     """
 
+    call_name = "dora()"
+
     magnitude: torch.nn.Parameter
     """The trained magnitude ``(output_dim,)``: PEFT's ``lora_magnitude_vector``.
 
@@ -92,10 +96,7 @@ class DoRA(LORA):
         output_dim: int | None = None,
     ) -> None:
         """A DoRA adapter of rank ``r`` on a Linear or Conv1D ``module``; see the class."""
-        from ..artifacts.layers import describe_module, layer_kind
-        from .lora import _check_envoy
-
-        _check_envoy(module)
+        check_envoy(module, type(self).__name__)
         kind = layer_kind(module._module)
         if kind not in ("Linear", "Conv1D"):
             raise TypeError(
@@ -180,6 +181,14 @@ class DoRA(LORA):
             True
         """
         return self.intervene(output, x, alpha)
+
+    def _merged_weight(self, kind: str, weight: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DoRA's merged weight in float32, ``m / ||W + dW||_row * (W + dW)``, and that per-output
+        factor (PEFT's ``dora_factor``), which `unmerge` divides out first."""
+        combined = weight + delta  # laid out like the layer's weight
+        rows = combined if kind == "Linear" else combined.T  # (out, in): a norm per output feature
+        scale = self.magnitude.detach().to(weight.device, torch.float32) / torch.linalg.norm(rows, dim=1)  # (out,)
+        return combined * (scale[:, None] if kind == "Linear" else scale[None, :]), scale
 
     def extra_repr(self) -> str:
         return LORA.extra_repr(self) + ", dora=True"

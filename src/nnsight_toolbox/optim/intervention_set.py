@@ -11,18 +11,22 @@ the module's controller keeps activations in call order and applies each to
 the output of the one before. Calling the set switches its members on in the
 set's order, so ``InterventionSet([steer, reft])`` on one layer computes
 ``reft(steer(h))``.
+
+`InterventionSet` is the one collection: `LoraSet` is a layer on top of it for
+adapters (keys by module path, `LORA.on`, merging), and shares its checks,
+its call, its `state_dict` and its file format.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Mapping
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from .activation import Steps, activate_many, check_alpha, normalize_steps
-from .adapter_set import LoraSet
+from .activation import Steps, activate_many, check_alpha, current_mediator, normalize_steps
 from .optimization import Optimization
 from .positions import Positions
 
@@ -31,12 +35,15 @@ if TYPE_CHECKING:
 
 __all__ = ["InterventionSet"]
 
+Set = TypeVar("Set", bound="InterventionSet")
+
 
 class InterventionSet(Optimization):
-    """Several interventions (`LORA`, `SteeringVector`, `SoftPrompt`, `LoReFT`, `DiReFT`) on one model, as one.
+    """Any interventions on one model (`LORA`, `DoRA`, `ModuleCopy`, `SteeringVector`, `SoftPrompt`, `LoReFT`, `DiReFT`, your own kinds), as one.
 
-    A `LoraSet` passed in contributes its adapters. ``parameters()`` holds every
-    member's; `save` writes one directory.
+    A set passed in (a `LoraSet` too) contributes its members. ``parameters()``
+    holds every member's; `save` writes one directory; `load_state_dict` checks
+    every member's keys and shapes before it changes any.
 
     Args:
         interventions: The members, in the order the set switches them on.
@@ -52,6 +59,8 @@ class InterventionSet(Optimization):
         2
     """
 
+    call_name = "interventions()"
+
     interventions: torch.nn.ModuleList
     """The members, in the order the set switches them on.
 
@@ -63,26 +72,19 @@ class InterventionSet(Optimization):
 
     def __init__(self, interventions: Iterable[Optimization]) -> None:
         """Check the members (one model, no member twice) and hold them in order."""
-        members: list[Optimization] = []
-        for item in interventions:
-            members.extend(item.values() if isinstance(item, LoraSet) else [item])
-        if not members:
-            raise ValueError("`InterventionSet` needs at least one intervention, got none.")
-        for item in members:
-            if not isinstance(item, Optimization) or isinstance(item, InterventionSet) or getattr(item, "module", None) is None:
-                raise TypeError(
-                    f"`InterventionSet` takes interventions on modules (`LORA`, `SteeringVector`, `SoftPrompt`, "
-                    f"`LoReFT`, `DiReFT`, or a `LoraSet`), got {type(item).__name__}."
-                )
-        if len({id(m) for m in members}) != len(members):
-            raise ValueError("`InterventionSet` got the same intervention twice; it would apply twice. Pass each once.")
-        roots = {m.module.path.split(".", 1)[0] for m in members}
-        models = {id(m.module.interleaver) for m in members}
-        if len(models) > 1:
-            raise ValueError(f"`InterventionSet` holds interventions of one model; these are on {len(models)} models (roots {sorted(roots)}).")
+        members = _members_of(interventions, type(self).__name__)
         Optimization.__init__(self)
+        self._members = members
+        self._root_path = members[0].module.path.split(".", 1)[0]
+        self._register(members)
+
+    def _register(self, members: list) -> None:
+        """Make the members child modules, so ``parameters()``, ``.to()`` and ``train()`` reach them."""
         self.interventions = torch.nn.ModuleList(members)
-        self._root_path = roots.pop()
+
+    def _prefix(self, index: int, member: Any) -> str:
+        """What a member's `state_dict` keys carry in the set's: its index (`LoraSet`: its module path)."""
+        return f"{index}."
 
     @property
     def root_path(self) -> str:
@@ -109,13 +111,15 @@ class InterventionSet(Optimization):
             ...     mix(alpha=2.0, positions=slice(-1, None))
             ...     ids = tracer.result.save()
         """
-        alpha = check_alpha(alpha)
+        what = self.call_name
+        current_mediator(what)
+        alpha = check_alpha(alpha, what)
         steps = normalize_steps(steps)
         switches = []  # switched on together, sharing the lookups of the invoke and its run
-        for member in self.interventions:
+        for member in self._members:
             if type(member).intervene is Optimization.intervene:  # a custom one that acts in its own forward
                 if switches:  # the members before it first: the order of calls is the order they apply in
-                    activate_many(switches, alpha, steps, "InterventionSet()")
+                    activate_many(switches, alpha, steps, what)
                     switches = []
                 if positions is None:
                     member(alpha, steps=steps)
@@ -126,48 +130,81 @@ class InterventionSet(Optimization):
             member._follow_module_device()
             switches.append((member, member.module, chosen))
         if switches:
-            activate_many(switches, alpha, steps, "InterventionSet()")
+            activate_many(switches, alpha, steps, what)
 
     def __iter__(self) -> Iterator[Optimization]:
-        return iter(self.interventions)
+        return iter(self._members)
 
     def __len__(self) -> int:
-        return len(self.interventions)
+        return len(self._members)
 
     def __getitem__(self, index: int) -> Optimization:
-        return self.interventions[index]
+        return self._members[index]
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:  # type: ignore[override]
-        """Each member's `state_dict()` under ``"<index>."``: pyreft's keys for a `LoReFT`, ``WA``/``WB`` for a `LORA`.
+        """Each member's `state_dict()` under its key in the set (``"<index>."``; a `LoraSet`'s module path).
 
         Examples:
             >>> from nnsight_toolbox import InterventionSet, SteeringVector
             >>> list(InterventionSet([SteeringVector(model.transformer.h[0])]).state_dict())
             ['0.v']
         """
-        out = {} if destination is None else destination
-        for i, member in enumerate(self.interventions):
-            member.state_dict(destination=out, prefix=f"{prefix}{i}.", keep_vars=keep_vars)
+        out = OrderedDict() if destination is None else destination
+        for i, member in enumerate(self._members):
+            member.state_dict(destination=out, prefix=prefix + self._prefix(i, member), keep_vars=keep_vars)
         return out
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
-        """Load what `state_dict` gave, member by member (each member checks its own keys).
+        """Load what `state_dict` gave into every member, all or none.
+
+        Every member's keys and shapes are checked before any tensor is copied,
+        and should a member still refuse its part, the members loaded before it
+        are put back: a refused load leaves every member as it was.
 
         Examples:
             >>> from nnsight_toolbox import InterventionSet, SteeringVector
             >>> a = InterventionSet([SteeringVector(model.transformer.h[0])])
             >>> a.load_state_dict(a.state_dict())
         """
-        for i, member in enumerate(self.interventions):
-            part = {k[len(f"{i}."):]: v for k, v in state_dict.items() if k.startswith(f"{i}.")}
-            member.load_state_dict(part)
-        known = {f"{i}." for i in range(len(self.interventions))}
-        extra = sorted(k for k in state_dict if not any(k.startswith(p) for p in known))
+        name = type(self).__name__
+        parts, claimed = [], set()
+        for i, member in enumerate(self._members):
+            prefix = self._prefix(i, member)
+            part = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+            claimed.update(prefix + key for key in part)
+            parts.append(part)
+        extra = sorted(key for key in state_dict if key not in claimed)
         if strict and extra:
-            raise KeyError(f"`InterventionSet.load_state_dict`: keys for no member: {extra[:4]}.")
+            raise KeyError(
+                f"`{name}.load_state_dict`: keys for no member: {extra[:4]}. Keys are a member's key in the "
+                f"set ({self._prefix(0, self._members[0])!r} for the first) plus its own, as `state_dict()` gives them."
+            )
+        for i, (member, part) in enumerate(zip(self._members, parts)):
+            check = getattr(member, "_check_state_dict", None)
+            if check is None:
+                continue
+            try:
+                check(part, strict)
+            except (KeyError, ValueError) as error:
+                text = error.args[0] if error.args else str(error)
+                raise type(error)(f"`{name}.load_state_dict`, member {i} (`{type(member).__name__}` on `{member.module.path}`): {text}") from None
+        before = [{key: value.detach().clone() for key, value in member.state_dict().items()} for member in self._members]
+        done = []
+        try:
+            for member, part in zip(self._members, parts):
+                member.load_state_dict(part, strict)
+                done.append(member)
+        except BaseException:
+            for member, state in zip(done, before):
+                member.load_state_dict(state)
+            raise
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Save every member to ``directory``, as one artifact (see `nnsight_toolbox.artifacts.native_intervention`).
+        """Save every member to ``directory``, in order, as one artifact (see `nnsight_toolbox.artifacts.native`).
+
+        One tensor file and one JSON sidecar; module paths are written relative to
+        the model, so the set loads onto any nnsight wrapper of the same
+        architecture. The directory is replaced as a whole.
 
         Examples:
             >>> from nnsight_toolbox import InterventionSet, SteeringVector
@@ -176,13 +213,18 @@ class InterventionSet(Optimization):
             >>> sorted(os.listdir("mix"))
             ['interventions.json', 'interventions.safetensors']
         """
-        from ..artifacts.native_intervention import save_intervention_set
+        from ..artifacts.native import save_interventions  # here, not at the top: see `ModuleIntervention.save`
 
-        save_intervention_set(self, directory)
+        save_interventions(self._members, directory, self._root_path, f"`{type(self).__name__}.save`", is_set=True)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, model: Envoy) -> InterventionSet:
-        """A new set on ``model`` with what ``directory`` holds, every file checked first.
+    def load(cls: type[Set], directory: str | os.PathLike, model: Envoy) -> Set:
+        """A new set on ``model`` with what ``directory`` holds, every file checked before anything is built.
+
+        Each member goes on the module at its saved path, which ``model`` (the
+        model itself, not a submodule) must have, with the saved widths.
+        Directories of earlier versions (``lora_set.json``, ``interventions.json``)
+        load too, and so does one intervention's save, as a set of one.
 
         Examples:
             >>> from nnsight_toolbox import InterventionSet, SteeringVector
@@ -190,10 +232,34 @@ class InterventionSet(Optimization):
             >>> len(InterventionSet.load("mix", model))
             1
         """
-        from ..artifacts.native_intervention import load_intervention_set
+        from ..artifacts.native import load_many
 
-        return load_intervention_set(directory, model, cls)
+        return cls(load_many(directory, model, f"`{cls.__name__}.load`"))
 
     def __repr__(self) -> str:
-        inner = "\n".join(f"  ({i}) {type(m).__name__}({m.module.path})" for i, m in enumerate(self.interventions))
-        return f"InterventionSet(\n{inner}\n)"
+        inner = "\n".join(f"  ({i}) {type(m).__name__}({m.module.path})" for i, m in enumerate(self._members))
+        return f"{type(self).__name__}(\n{inner}\n)"
+
+
+def _members_of(interventions: Any, who: str) -> list:
+    """The members ``interventions`` gives (a set gives its own), checked: non-empty, on one model, none twice."""
+    if isinstance(interventions, (Optimization, str)) or not isinstance(interventions, Iterable):
+        raise TypeError(f"`{who}` takes an iterable of interventions, got {type(interventions).__name__}. Wrap one in a list.")
+    members: list = []
+    for item in interventions.values() if isinstance(interventions, Mapping) else interventions:
+        members.extend(item._members if isinstance(item, InterventionSet) else [item])
+    if not members:
+        raise ValueError(f"`{who}` needs at least one intervention, got none.")
+    for item in members:
+        if not isinstance(item, Optimization) or getattr(item, "module", None) is None:
+            raise TypeError(
+                f"`{who}` takes interventions on modules (a `ModuleIntervention`: `LORA`, `DoRA`, `ModuleCopy`, "
+                f"`SteeringVector`, `SoftPrompt`, `LoReFT`, `DiReFT`, a kind of your own, or a set of them), got {type(item).__name__}."
+            )
+    if len({id(m) for m in members}) != len(members):
+        raise ValueError(f"`{who}` got the same intervention twice; it would apply twice. Pass each once.")
+    models = {id(m.module.interleaver) for m in members}
+    if len(models) > 1:
+        roots = sorted({m.module.path.split(".", 1)[0] for m in members})
+        raise ValueError(f"`{who}` holds interventions of one model; these are on {len(models)} models (roots {roots}). Make one set per model.")
+    return members

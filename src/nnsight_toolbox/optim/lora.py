@@ -26,15 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from .activation import Steps
-from .positions import PositionSpec, Positions, normalize_positions
+from .adapter_set import LoraSet, adapters_on
 from .dims import ModuleDims, infer_dims
-from .optimization import Optimization, _module_device
+from .module_intervention import ModuleIntervention, check_envoy, dtype_name
+from .positions import PositionSpec, Positions, normalize_positions
+from .targets import Layers, Targets
 
 if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
-
-    from .adapter_set import LoraSet
-    from .targets import Layers, Targets
 
 __all__ = ["LORA"]
 
@@ -42,12 +41,9 @@ __all__ = ["LORA"]
 #: matmul (``addmm``): it saves a pass over the output, which outweighs the cost of
 #: the reshapes ``addmm`` needs. Below it (one token at a time, in generation) it does not.
 FUSE_MIN_ELEMENTS = 1 << 14
-#: The dtypes an adapter may have: those torch trains and multiplies in. The
-#: float8 dtypes are floating point too, but torch has no matmul for them.
-ADAPTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-class LORA(Optimization):
+class LORA(ModuleIntervention):
     """A trainable low-rank adapter on one module of an nnsight model.
 
     Inside a trace, ``lora(alpha)`` replaces the module's output with
@@ -93,6 +89,10 @@ class LORA(Optimization):
         ...     logits = model.lm_head.output.save()
         >>> logits.sum().backward()     # gradients reach lora.WA and lora.WB
     """
+
+    reads_input = True  # the delta is computed from the module's first input
+    call_name = "lora()"
+    alpha_means = "the scale of the low-rank term"
 
     # Instance attributes, declared here so that each has its own entry in the
     # API reference (the documentation tools read these docstrings; Python does not).
@@ -205,21 +205,17 @@ class LORA(Optimization):
         """
         if old_positional:
             raise _old_form_error(r, old_positional)
-        _check_envoy(module)
+        kind = type(self).__name__
+        check_envoy(module, kind)
         _check_rank(r)
-        _check_dropout(dropout)
-        _check_dtype(dtype)
         if not isinstance(bias, bool):
-            raise TypeError(f"`bias` must be True or False, got {bias!r}.")
-        Optimization.__init__(self)
-        dims = _resolve_dims(module, input_dim, output_dim)
-        self.module = module
+            raise TypeError(f"`{kind}`'s `bias` must be True or False, got {bias!r}.")
+        dims = _resolve_dims(module, input_dim, output_dim, kind)
+        ModuleIntervention.__init__(self, module, dropout=dropout, dtype=dtype, output_dim=dims.output_dim)
         self.r = r
-        self.dropout = float(dropout)
         self.input_dim = dims.input_dim
-        self.output_dim = dims.output_dim
         self.takes_ids = dims.takes_ids
-        device = _home_device(module)
+        device = self._device_hint
         self.WA = torch.nn.Parameter(torch.empty(dims.input_dim, r, device=device, dtype=dtype))
         self.WB = torch.nn.Parameter(torch.zeros(r, dims.output_dim, device=device, dtype=dtype))
         # A plain bool, read first thing in `add_delta`: an instance-dict hit, so the
@@ -253,19 +249,19 @@ class LORA(Optimization):
             >>> with model.trace("Hello"):
             ...     adapters()
         """
-        from .adapter_set import LoraSet, adapters_on  # they build on this class
-
         return LoraSet(adapters_on(cls, model, targets, r=r, layers=layers, dropout=dropout, dtype=dtype))
 
-    @property
-    def path(self) -> str:
-        """The module path the adapter acts on, e.g. ``"model.transformer.h.0.mlp"``.
+    def config(self) -> dict[str, Any]:
+        """The constructor's keyword arguments besides ``module``, as JSON values: what `save` records.
 
         Examples:
-            >>> lora.path
-            'model.transformer.h.0.mlp'
+            >>> LORA(model.transformer.h[0].mlp.c_fc, r=4).config()
+            {'r': 4, 'dropout': 0.0, 'dtype': 'float32', 'input_dim': 32, 'output_dim': 128}
         """
-        return self.module.path
+        config = {"r": self.r, "dropout": self.dropout, "dtype": dtype_name(self.dtype), "input_dim": self.input_dim, "output_dim": self.output_dim}
+        if self._has_bias:
+            config["bias"] = True
+        return config
 
     def reset_parameters(self) -> None:
         """Re-initialise: ``WA`` kaiming-uniform with a=sqrt(5), ``WB`` (and ``bias``) zeros.
@@ -339,7 +335,7 @@ class LORA(Optimization):
             ...     lora(positions=slice(-1, None))
             ...     ids = tracer.result.save()
         """
-        self._activate(alpha, steps, positions, "lora()")
+        self._activate(alpha, steps, positions, self.call_name)
 
     def _positions(self, positions: Positions) -> PositionSpec | None:
         """`Optimization._positions`, refusing while merged (`merge`)."""
@@ -347,8 +343,8 @@ class LORA(Optimization):
             raise RuntimeError(
                 f"The adapter on `{self.path}` is merged into the weights (alpha="
                 f"{self._merge_record.alpha}), so the model already computes it for every "
-                f"row of every run; `lora()` would add it a second time. Drop the call, or "
-                f"call `lora.unmerge()` first to apply it per invoke again."
+                f"row of every run; `{self.call_name}` would add it a second time. Drop the call, or "
+                f"call `{self.call_name[:-2]}.unmerge()` first to apply it per invoke again."
             )
         return normalize_positions(positions)
 
@@ -493,44 +489,7 @@ class LORA(Optimization):
         """``alpha * hidden @ WB``: scaling the r-wide term is cheaper than scaling the output."""
         return (hidden if alpha == 1.0 else hidden * alpha) @ WB  # (B, T, r) @ (r, out) -> (B, T, out)
 
-    # -- artifacts: thin entry points; the work lives in `nnsight_toolbox.artifacts` --
-
-    def save(self, directory: str | os.PathLike) -> None:
-        """Save the adapter to ``directory``: ``lora.safetensors`` plus a ``lora.json`` sidecar.
-
-        Works for any target, blocks included. Load it back with `LORA.load`.
-        The directory is replaced as a whole: a save interrupted at any point
-        (Ctrl-C, a crash, a full disk) leaves it loading as the complete old
-        adapter or the complete new one. Other files in it are kept.
-
-        Examples:
-            >>> lora.save("adapters/mlp")
-            >>> import os
-            >>> sorted(os.listdir("adapters/mlp"))
-            ['lora.json', 'lora.safetensors']
-        """
-        from ..artifacts.native import save_lora
-
-        save_lora(self, directory)
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike, module: Envoy) -> LORA:
-        """A new adapter on ``module`` with the weights saved in ``directory`` by `save`.
-
-        ``module`` may be at another path than the one the adapter was trained on;
-        its input and output widths must match, or a `ValueError` names both shapes.
-        Reads JSON and safetensors only (never pickle) and checks everything first.
-
-        Examples:
-            >>> lora.save("adapters/mlp")
-            >>> restored = LORA.load("adapters/mlp", model.transformer.h[0].mlp)
-            >>> torch.equal(restored.WB, lora.WB)
-            True
-            >>> moved = LORA.load("adapters/mlp", model.transformer.h[1].mlp)   # same widths, another layer
-        """
-        from ..artifacts.native import load_lora
-
-        return load_lora(directory, module, cls)
+    # -- merging: the work lives in `nnsight_toolbox.artifacts.merging` -------------
 
     @property
     def merged(self) -> bool:
@@ -592,29 +551,16 @@ class LORA(Optimization):
 
         unmerge_lora(self)
 
+    def _merged_weight(self, kind: str, weight: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The merged weight in float32 from the layer's ``weight`` and ``delta`` (both float32, laid out
+        like the weight), and the per-output factor `unmerge` must divide out first (`DoRA`'s), or ``None``."""
+        return weight + delta, None
+
     def extra_repr(self) -> str:
         return (
             f"{self.path}, input_dim={self.input_dim}, output_dim={self.output_dim}, "
             f"r={self.r}, dropout={self.dropout}, dtype={self.WA.dtype}" + (", bias=True" if self._has_bias else "")
         )
-
-
-def _check_envoy(module: Any) -> None:
-    from nnsight.intervention.envoy import Envoy
-
-    if isinstance(module, Envoy):
-        return
-    if isinstance(module, torch.nn.Module):
-        raise TypeError(
-            f"`LORA` needs the nnsight Envoy of a module, but got a raw "
-            f"`{type(module).__name__}`. Wrap the model with nnsight and pass the "
-            f"module through it: `model = TransformersModel(hf_model, task='text-generation', tokenizer=tokenizer)` "
-            f"(or `NNsight(torch_model)`), then `LORA(model.transformer.h[0].mlp, r=8)`."
-        )
-    raise TypeError(
-        f"`LORA` needs the nnsight Envoy of a module, such as "
-        f"`model.transformer.h[0].mlp`, but got {type(module).__name__}: {module!r:.80}."
-    )
 
 
 def _old_form_error(dim: Any, rest: tuple) -> TypeError:
@@ -634,40 +580,15 @@ def _check_rank(r: Any) -> None:
         raise ValueError(f"`r` (the rank) must be a positive int, got {r!r}. Pass e.g. `r=8`.")
 
 
-def _check_dropout(dropout: Any) -> None:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"`dropout` must be a probability in [0, 1), got {dropout!r}.")
-
-
-def _check_dtype(dtype: Any) -> None:
-    if not isinstance(dtype, torch.dtype) or dtype not in ADAPTER_DTYPES:
-        raise TypeError(
-            f"`dtype` must be a floating torch dtype that torch trains and multiplies in: "
-            f"`torch.float32`, `torch.bfloat16`, `torch.float16` or `torch.float64`, got {dtype!r}. "
-            f"For a float8 or quantized model keep the adapter in float32 (the default): "
-            f"its delta is added in the adapter's dtype and cast to the output's."
-        )
-
-
-def _resolve_dims(module: Envoy, input_dim: int | None, output_dim: int | None) -> ModuleDims:
+def _resolve_dims(module: Envoy, input_dim: int | None, output_dim: int | None, kind: str) -> ModuleDims:
     for name, value in (("input_dim", input_dim), ("output_dim", output_dim)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+            raise ValueError(f"`{kind}`'s `{name}` must be a positive int, got {value!r}.")
     if input_dim is not None and output_dim is not None:
         return ModuleDims(input_dim, output_dim, isinstance(module._module, torch.nn.Embedding))
-    inferred = infer_dims(module)
+    inferred = infer_dims(module, kind=kind)
     return ModuleDims(
         input_dim if input_dim is not None else inferred.input_dim,
         output_dim if output_dim is not None else inferred.output_dim,
         inferred.takes_ids,
     )
-
-
-def _home_device(module: Envoy) -> torch.device:
-    """Where the parameters start: the module's device, or the model's, or the
-    CPU for a model still on the meta device (`_follow_module_device` moves them
-    once its weights are real)."""
-    device = _module_device(module)
-    if device is None or device.type == "meta":
-        return torch.device("cpu")
-    return device

@@ -91,6 +91,8 @@ class ReftBase(ModuleIntervention):
         ['bias', 'rotate_layer', 'weight']
     """
 
+    call_name = "reft()"
+
     reads_output = True
     """The formula's backward keeps ``h``: the machinery hands it a copy it will not overwrite.
 
@@ -193,6 +195,18 @@ class ReftBase(ModuleIntervention):
             >>> torch.equal(a.R, b.R)
             True
         """
+        self._check_state_dict(state_dict, strict)
+        with torch.no_grad():
+            self.learned_source.weight.copy_(state_dict["weight"])
+            self.learned_source.bias.copy_(state_dict["bias"])
+            rotation = self.rotate_layer
+            Rt = state_dict["rotate_layer"].to(rotation.generator.dtype).to(rotation.generator.device)
+            rotation.base.copy_(complete_orthonormal(Rt))
+            rotation.generator.zero_()  # exp(0) = I, so R^T = base[:, :r] exactly
+        return None
+
+    def _check_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Refuse anything but pyreft's keys at this rank and width; changes nothing."""
         missing = [k for k in REFT_KEYS if k not in state_dict]
         unexpected = sorted(k for k in state_dict if k not in REFT_KEYS)
         if missing or (strict and unexpected):
@@ -209,14 +223,6 @@ class ReftBase(ModuleIntervention):
                     f"`{key}` has shape {tuple(state_dict[key].shape)}, but this {type(self).__name__} "
                     f"(r={r}, width {d}) needs {shape}. Build it with the rank the weights were trained at."
                 )
-        with torch.no_grad():
-            self.learned_source.weight.copy_(state_dict["weight"])
-            self.learned_source.bias.copy_(state_dict["bias"])
-            rotation = self.rotate_layer
-            Rt = state_dict["rotate_layer"].to(rotation.generator.dtype).to(rotation.generator.device)
-            rotation.base.copy_(complete_orthonormal(Rt))
-            rotation.generator.zero_()  # exp(0) = I, so R^T = base[:, :r] exactly
-        return None
 
     def _usual_parts(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
         """``(R^T, W, b)`` when ``output`` needs nothing converted or dropped out, else ``None`` (then `_parts`).

@@ -23,16 +23,15 @@ from __future__ import annotations
 import copy as copy_module
 import hashlib
 import inspect
-import os
 import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..artifacts.layers import hf_name
 from .activation import Steps, check_alpha
 from .dims import first_tensor
-from .lora import _check_envoy  # at module level: a server rebuilds functions without their package
-from .optimization import Optimization
+from .module_intervention import ModuleIntervention, check_envoy
 from .positions import PositionSpec, Positions, normalize_positions
 
 if TYPE_CHECKING:
@@ -41,7 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["ModuleCopy"]
 
 
-class ModuleCopy(Optimization):
+class ModuleCopy(ModuleIntervention):
     """A trainable copy of one module; called in a trace, its output replaces the module's.
 
     This is what `import_peft` builds for each of PEFT's ``modules_to_save``.
@@ -62,6 +61,10 @@ class ModuleCopy(Optimization):
         >>> head.copy.weight.grad.shape
         torch.Size([257, 32])
     """
+
+    reads_input = True  # the copy computes its output from the module's first input
+    call_name = "copy()"
+    alpha_means = "1 replaces the module's output with the copy's, 0 keeps its own"
 
     module: Envoy
     """The nnsight Envoy of the module the copy stands in for.
@@ -85,7 +88,7 @@ class ModuleCopy(Optimization):
 
     def __init__(self, module: Envoy) -> None:
         """A copy of ``module``'s torch module; see the class."""
-        _check_envoy(module)
+        check_envoy(module, type(self).__name__)
         _check_single_input(module)
         if any(t.is_meta for t in module._module.state_dict().values()):
             raise RuntimeError(
@@ -96,8 +99,7 @@ class ModuleCopy(Optimization):
         self._build(module, _plain_copy(module._module))
 
     def _build(self, module: Envoy, copy: torch.nn.Module) -> None:
-        Optimization.__init__(self)
-        self.module = module
+        self._bind(module)
         self.copy = copy
         for parameter in self.copy.parameters():
             parameter.requires_grad_(True)
@@ -115,15 +117,35 @@ class ModuleCopy(Optimization):
         clone._build(module, copy)
         return clone
 
-    @property
-    def path(self) -> str:
-        """The module path the copy stands in for.
+    @classmethod
+    def _build_for_load(cls, module: Envoy, config: dict[str, Any]) -> ModuleCopy:
+        """A copy to load saved tensors into, built even while the model is still on the meta device."""
+        if config:
+            raise TypeError(f"`ModuleCopy` takes no options besides the module, got {sorted(config)}.")
+        _check_single_input(module)
+        clone = cls.__new__(cls)
+        clone._build(module, _plain_copy(module._module))
+        return clone
+
+    def config(self) -> dict[str, Any]:
+        """No options: the copy is rebuilt from the module itself, then its saved tensors go in.
 
         Examples:
-            >>> ModuleCopy(model.lm_head).path
-            'model.lm_head'
+            >>> ModuleCopy(model.lm_head).config()
+            {}
         """
-        return self.module.path
+        return {}
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+        """The copy's tensors (keys ``copy.<name>``), checked first; on weights not loaded yet (meta), the saved tensors become the copy's.
+
+        Examples:
+            >>> head = ModuleCopy(model.lm_head)
+            >>> _ = head.load_state_dict(ModuleCopy(model.lm_head).state_dict())
+        """
+        self._check_state_dict(state_dict, strict)
+        on_meta = any(t.is_meta for t in self.copy.state_dict().values())
+        return torch.nn.Module.load_state_dict(self, state_dict, strict, assign or on_meta)
 
     def forward(self, alpha: float = 1.0, *, steps: Steps = None, positions: Positions = None) -> None:
         """``head(alpha=1.0)``: replace the module's output with the copy's on this invoke's rows.
@@ -143,7 +165,7 @@ class ModuleCopy(Optimization):
             ...     head()
             ...     ids = tracer.result.save()
         """
-        self._activate(alpha, steps, positions, "ModuleCopy()")
+        self._activate(alpha, steps, positions, self.call_name)
 
     def _positions(self, positions: Positions) -> PositionSpec | None:
         """`Optimization._positions`, refusing while merged (`merge`)."""
@@ -202,7 +224,7 @@ class ModuleCopy(Optimization):
             >>> head.merge()
             >>> head.unmerge()
         """
-        alpha = check_alpha(alpha)
+        alpha = check_alpha(alpha, "merge()", "the blend of the copy's output")
         if alpha != 1.0:
             raise ValueError(
                 f"A `ModuleCopy` merges with alpha=1 only (got {alpha}): its weights replace the "
@@ -213,8 +235,6 @@ class ModuleCopy(Optimization):
             raise RuntimeError(f"The copy of `{self.path}` is already merged. Call `unmerge()` first.")
         target = self.module._module.state_dict(keep_vars=True)
         source = self.copy.state_dict()
-        from ..artifacts.layers import hf_name
-
         inside, prefix = {id(t) for t in target.values()}, hf_name(self.module) + "."
         tied = [
             name
@@ -264,18 +284,6 @@ class ModuleCopy(Optimization):
                 stacklevel=2,
             )
         self._merge_record = None
-
-    # -- artifacts ----------------------------------------------------------------
-
-    def save(self, directory: str | os.PathLike) -> None:
-        """Save it in this package's format, as a one-entry `LoraSet` (``lora_set.json``).
-
-        Examples:
-            >>> ModuleCopy(model.lm_head).save("adapters/head")
-        """
-        from .adapter_set import LoraSet
-
-        LoraSet([self]).save(directory)
 
     def extra_repr(self) -> str:
         return f"{self.path}, copy={type(self.copy).__name__}"

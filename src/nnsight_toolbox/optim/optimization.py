@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from ..remote import _pickled_for_nnsight_server, check_shippable
-from .activation import activate_many, check_alpha, normalize_steps
 from .positions import PositionSpec, normalize_positions
 
 
@@ -117,20 +116,6 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
             f"activation machinery cannot apply it. Implement it, or apply the intervention in "
             f"`forward` with nnsight's own `module.output = ...`."
         )
-
-    def _activate(self, alpha: float, steps: Any, positions: Any, what: str) -> None:
-        """What every intervention's `forward` does: check the call, follow the module
-        to its device, and switch on for the running invoke.
-
-        ``positions`` is the user's ``positions=``; `_positions` checks it (and
-        whether the intervention can be switched on at all).
-        """
-        chosen = self._positions(positions)
-        alpha = check_alpha(alpha)
-        steps = normalize_steps(steps)
-        self._follow_module_device()
-        # stacklevel 6 names the user's line: activate_many, this, forward, torch's two call frames
-        activate_many([(self, self.module, chosen)], alpha, steps, what, stacklevel=6)
 
     def _positions(self, positions: Any) -> PositionSpec | None:
         """The `PositionSpec` this intervention acts on for ``positions=``, or a clear refusal.

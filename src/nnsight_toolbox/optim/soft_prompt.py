@@ -57,6 +57,9 @@ class SoftPrompt(ModuleIntervention):
         torch.Size([4, 32])
     """
 
+    call_name = "soft()"
+    alpha_means = "1 replaces the embeddings with the vectors, 0 keeps them"
+
     reads_positions = True
     """The machinery passes each token's position to `intervene`, so vector k lands at the k-th chosen position.
 

@@ -45,6 +45,8 @@ class SteeringVector(ModuleIntervention):
         torch.Size([32])
     """
 
+    call_name = "steer()"
+
     v: torch.nn.Parameter
     """The vector, shape ``(output_dim,)``; starts at zeros.
 
