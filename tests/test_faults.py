@@ -167,7 +167,7 @@ def test_saving_keeps_other_files_and_folders(gpt2, tmp_path):
     (directory / "optimizer.pt").write_bytes(b"\x00" * 10)
     single(gpt2, 1).save(directory)
     single(gpt2, 2).save(directory)
-    assert sorted(p.name for p in directory.iterdir()) == ["lora.json", "lora.safetensors", "optimizer.pt", "runs"]
+    assert sorted(p.name for p in directory.iterdir()) == ["interventions.json", "interventions.safetensors", "optimizer.pt", "runs"]
     assert (directory / "runs" / "1" / "log.txt").read_text() == "epoch 1"
 
 
@@ -236,7 +236,7 @@ def pad_sparse(path: Path, size: int = 8 * GiB) -> None:
 
 
 @pytest.mark.parametrize(
-    "fmt, name", [("lora.save", "lora.safetensors"), ("adapters.save", "lora_set.safetensors"), ("export_peft", "adapter_model.safetensors")]
+    "fmt, name", [("lora.save", "interventions.safetensors"), ("adapters.save", "interventions.safetensors"), ("export_peft", "adapter_model.safetensors")]
 )
 def test_a_sparse_8_gib_tensor_file_is_refused_unread(gpt2, tmp_path, no_big_reads, fmt, name):
     build, save, load = FORMATS[fmt]
@@ -260,8 +260,8 @@ def write_fake_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]
 
 def test_a_header_promising_a_huge_tensor_is_checked_against_the_sidecar_unread(gpt2, tmp_path, no_big_reads):
     single(gpt2, 1).save(tmp_path / "adapter")
-    write_fake_safetensors(tmp_path / "adapter" / "lora.safetensors", {"WA": ("F32", [32, 1 << 26]), "WB": ("F32", [2, 128])})
-    with pytest.raises(ValueError, match=r"tensor `WA` has shape \(32, 67108864\).*should be \(32, 2\)"):
+    write_fake_safetensors(tmp_path / "adapter" / "interventions.safetensors", {"0.WA": ("F32", [32, 1 << 26]), "0.WB": ("F32", [2, 128])})
+    with pytest.raises(ValueError, match=r"tensor `0\.WA` is torch\.float32 \(32, 67108864\).*needs torch\.float32 \(32, 2\)"):
         load_single(gpt2, tmp_path / "adapter")
 
 
@@ -275,13 +275,13 @@ def test_a_peft_header_promising_a_huge_tensor_is_checked_against_the_model_unre
         load_peft(gpt2, tmp_path / "peft")
 
 
-@pytest.mark.parametrize("name", ["lora.json", "adapter_config.json"])
+@pytest.mark.parametrize("name", ["interventions.json", "adapter_config.json"])
 def test_a_sparse_8_gib_json_file_is_refused_unread(gpt2, tmp_path, no_big_reads, name):
-    if name == "lora.json":
+    if name == "interventions.json":
         single(gpt2, 1).save(tmp_path / "adapter")
     else:
         export_peft(single(gpt2, 1), tmp_path / "adapter")
     pad_sparse(tmp_path / "adapter" / name)
-    load = load_single if name == "lora.json" else load_peft
+    load = load_single if name == "interventions.json" else load_peft
     with pytest.raises(ValueError, match=rf"{name}` is {8 * GiB} bytes, more than"):
         load(gpt2, tmp_path / "adapter")

@@ -302,18 +302,6 @@ def test_unmerge_after_the_weight_changed_undoes_its_own_change_only(gpt2, kind)
     torch.testing.assert_close(bias, expected_b, rtol=1e-5, atol=1e-5)
 
 
-def test_only_new_kinds_of_entry_raise_the_format_version(gpt2, tmp_path):
-    """Plain adapters stay readable by older versions (format 1); a DoRA, a bias or a copy
-    writes format 2, which an older version refuses with "upgrade" instead of misreading."""
-    import json
-
-    LoraSet([LORA(gpt2.transformer.h[0].mlp.c_fc, r=2)]).save(tmp_path / "plain")
-    LORA(gpt2.transformer.h[0].mlp.c_fc, r=2, bias=True).save(tmp_path / "biased")
-    LoraSet([DoRA(gpt2.transformer.h[0].mlp.c_fc, r=2), ModuleCopy(gpt2.transformer.ln_f)]).save(tmp_path / "new")
-    version = lambda d, f: json.loads((tmp_path / d / f).read_text())["format_version"]  # noqa: E731
-    assert (version("plain", "lora_set.json"), version("biased", "lora.json"), version("new", "lora_set.json")) == (1, 2, 2)
-
-
 def test_a_copy_of_a_tied_module_is_refused_at_merge_and_changes_nothing(gpt2):
     head = ModuleCopy(gpt2.lm_head)  # GPT-2's head shares its weight with `transformer.wte`
     with torch.no_grad():

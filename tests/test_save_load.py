@@ -59,10 +59,12 @@ def test_a_bf16_adapter_keeps_its_dtype(gpt2, tmp_path):
 def test_the_sidecar_records_what_the_issue_asks(gpt2, tmp_path):
     lora = LORA(gpt2.transformer.h[1].mlp.c_fc, r=5)
     lora.save(tmp_path / "a")
-    sidecar = json.loads((tmp_path / "a" / "lora.json").read_text())
-    assert sidecar["format_version"] == 1 and sidecar["package_version"] == "0.1.0"
-    assert sidecar["module_path"] == "model.transformer.h.1.mlp.c_fc"
-    assert (sidecar["r"], sidecar["input_dim"], sidecar["output_dim"], sidecar["dtype"]) == (5, 32, 128, "float32")
+    sidecar = json.loads((tmp_path / "a" / "interventions.json").read_text())
+    assert sidecar["format_version"] == 2 and sidecar["package_version"] == "0.1.0"
+    [entry] = sidecar["interventions"]
+    assert (entry["kind"], entry["module_path"], entry["module_type"]) == ("LORA", "transformer.h.1.mlp.c_fc", "Conv1D")
+    assert entry["config"] == {"r": 5, "dropout": 0.0, "dtype": "float32", "input_dim": 32, "output_dim": 128}
+    assert entry["tensors"] == {"WA": {"shape": [32, 5], "dtype": "float32"}, "WB": {"shape": [5, 128], "dtype": "float32"}}
 
 
 def test_loading_onto_another_path_of_the_same_shape_is_silent(gpt2, tmp_path):
@@ -78,7 +80,7 @@ def test_loading_onto_another_path_of_the_same_shape_is_silent(gpt2, tmp_path):
 
 def test_loading_onto_a_module_of_other_widths_names_both_shapes(gpt2, tmp_path):
     LORA(gpt2.transformer.h[0].mlp.c_fc, r=2).save(tmp_path / "a")  # (32, 128)
-    with pytest.raises(ValueError, match=r"\(32, 128\).*\(128, 32\)"):
+    with pytest.raises(ValueError, match=r"'input_dim': 32, 'output_dim': 128.*input_dim=128, output_dim=32"):
         LORA.load(tmp_path / "a", gpt2.transformer.h[0].mlp.c_proj)  # (128, 32)
 
 
@@ -102,16 +104,22 @@ def saved(gpt2, tmp_path):
 
 def rewrite_tensors(directory: Path, tensors: dict) -> None:
     """Write new tensors and a matching checksum, so the checks after the checksum run."""
-    save_file(tensors, directory / "lora.safetensors")
-    sidecar = json.loads((directory / "lora.json").read_text())
-    sidecar["sha256"] = sha256_hex((directory / "lora.safetensors").read_bytes())
-    (directory / "lora.json").write_text(json.dumps(sidecar))
+    save_file({f"0.{k}": v for k, v in tensors.items()}, directory / "interventions.safetensors")
+    sidecar = json.loads((directory / "interventions.json").read_text())
+    sidecar["sha256"] = sha256_hex((directory / "interventions.safetensors").read_bytes())
+    (directory / "interventions.json").write_text(json.dumps(sidecar))
 
 
 def edit_sidecar(directory: Path, **changes) -> None:
-    sidecar = json.loads((directory / "lora.json").read_text())
+    sidecar = json.loads((directory / "interventions.json").read_text())
     sidecar.update(changes)
-    (directory / "lora.json").write_text(json.dumps(sidecar))
+    (directory / "interventions.json").write_text(json.dumps(sidecar))
+
+
+def edit_config(directory: Path, **changes) -> None:
+    sidecar = json.loads((directory / "interventions.json").read_text())
+    sidecar["interventions"][0]["config"].update(changes)
+    (directory / "interventions.json").write_text(json.dumps(sidecar))
 
 
 def truncate(path: Path) -> None:
@@ -120,30 +128,30 @@ def truncate(path: Path) -> None:
 
 BAD_INPUTS = {
     "no directory": (lambda d: __import__("shutil").rmtree(d), FileNotFoundError, ""),
-    "no sidecar": (lambda d: (d / "lora.json").unlink(), FileNotFoundError, "lora.json"),
-    "no tensors": (lambda d: (d / "lora.safetensors").unlink(), FileNotFoundError, "lora.safetensors"),
-    "sidecar not JSON": (lambda d: (d / "lora.json").write_text("{ r: 2"), ValueError, "lora.json"),
-    "another format": (lambda d: edit_sidecar(d, format="something"), ValueError, "lora.json"),
+    "no sidecar": (lambda d: (d / "interventions.json").unlink(), FileNotFoundError, "interventions.json"),
+    "no tensors": (lambda d: (d / "interventions.safetensors").unlink(), FileNotFoundError, "interventions.safetensors"),
+    "sidecar not JSON": (lambda d: (d / "interventions.json").write_text("{ r: 2"), ValueError, "interventions.json"),
+    "another format": (lambda d: edit_sidecar(d, format="something"), ValueError, "interventions.json"),
     "newer format": (lambda d: edit_sidecar(d, format_version=99), ValueError, "Upgrade"),
-    "bad field": (lambda d: edit_sidecar(d, r="two"), ValueError, "lora.json"),
-    "float8 dtype": (lambda d: edit_sidecar(d, dtype="float8_e4m3fn"), ValueError, "field `dtype` is 'float8_e4m3fn'"),
+    "bad field": (lambda d: edit_config(d, r="two"), ValueError, "must be a positive int, got 'two'"),
+    "float8 dtype": (lambda d: edit_config(d, dtype="float8_e4m3fn"), ValueError, "torch.float8_e4m3fn"),
     "deeply nested sidecar": (
-        lambda d: (d / "lora.json").write_text('{"r": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+        lambda d: (d / "interventions.json").write_text('{"r": ' + "[" * 100_000 + "]" * 100_000 + "}"),
         ValueError,
         "nests its JSON too deeply",
     ),
-    "truncated tensors": (lambda d: truncate(d / "lora.safetensors"), ValueError, "checksum"),
+    "truncated tensors": (lambda d: truncate(d / "interventions.safetensors"), ValueError, "checksum"),
     "truncated, checksum updated": (
-        lambda d: (truncate(d / "lora.safetensors"), edit_sidecar(d, sha256=sha256_hex((d / "lora.safetensors").read_bytes()))),
+        lambda d: (truncate(d / "interventions.safetensors"), edit_sidecar(d, sha256=sha256_hex((d / "interventions.safetensors").read_bytes()))),
         ValueError,
         "not a readable safetensors file",
     ),
     "wrong shape": (
         lambda d: rewrite_tensors(d, {"WA": torch.zeros(32, 3), "WB": torch.zeros(3, 128)}),
         ValueError,
-        "has shape (32, 3)",
+        "(32, 3), but the LORA on `model.transformer.h.0.mlp.c_fc`",
     ),
-    "wrong keys": (lambda d: rewrite_tensors(d, {"A": torch.zeros(32, 2)}), ValueError, "exactly the tensors"),
+    "wrong keys": (lambda d: rewrite_tensors(d, {"A": torch.zeros(32, 2)}), ValueError, "missing ['0.WA', '0.WB'], unexpected ['0.A']"),
     "NaN": (
         lambda d: rewrite_tensors(d, {"WA": torch.full((32, 2), float("nan")), "WB": torch.zeros(2, 128)}),
         ValueError,

@@ -81,18 +81,19 @@ def test_mixed_ranks_dtypes_and_targets_round_trip_bit_for_bit(gpt2, tmp_path):
     assert torch.equal(set_logits(gpt2, loaded), set_logits(gpt2, adapters))
 
 
-def test_the_files_are_one_tensor_file_keyed_by_module_path_and_a_sidecar(gpt2, tmp_path):
+def test_the_files_are_one_tensor_file_keyed_by_entry_and_a_sidecar(gpt2, tmp_path):
     adapters = randomized(LORA.on(gpt2, ["c_attn"], r=4))
     adapters.save(tmp_path / "set")
-    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["lora_set.json", "lora_set.safetensors"]
-    tensors = load_file(tmp_path / "set" / "lora_set.safetensors")
-    assert sorted(tensors) == [f"transformer.h.{i}.attn.c_attn.{w}" for i in (0, 1) for w in ("WA", "WB")]
-    assert torch.equal(tensors["transformer.h.1.attn.c_attn.WB"], adapters["transformer.h.1.attn.c_attn"].WB)
-    sidecar = json.loads((tmp_path / "set" / "lora_set.json").read_text())
-    assert sidecar["format"] == "nnsight-toolbox/lora-set" and sidecar["format_version"] == 1
-    assert [e["module_path"] for e in sidecar["adapters"]] == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
-    assert sidecar["adapters"][0]["r"] == 4 and sidecar["adapters"][0]["module_type"] == "Conv1D"
-    assert sidecar["sha256"] == sha256_hex((tmp_path / "set" / "lora_set.safetensors").read_bytes())
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["interventions.json", "interventions.safetensors"]
+    tensors = load_file(tmp_path / "set" / "interventions.safetensors")
+    assert sorted(tensors) == [f"{i}.{w}" for i in (0, 1) for w in ("WA", "WB")]
+    assert torch.equal(tensors["1.WB"], adapters["transformer.h.1.attn.c_attn"].WB)
+    sidecar = json.loads((tmp_path / "set" / "interventions.json").read_text())
+    assert sidecar["format"] == "nnsight-toolbox/intervention-set" and sidecar["format_version"] == 2
+    entries = sidecar["interventions"]
+    assert [e["module_path"] for e in entries] == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    assert entries[0]["kind"] == "LORA" and entries[0]["config"]["r"] == 4 and entries[0]["module_type"] == "Conv1D"
+    assert sidecar["sha256"] == sha256_hex((tmp_path / "set" / "interventions.safetensors").read_bytes())
 
 
 def test_saving_again_replaces_the_files(gpt2, tmp_path):
@@ -130,51 +131,55 @@ def saved(gpt2, tmp_path) -> Path:
 
 
 def rewrite_sidecar(directory: Path, change) -> None:
-    sidecar = json.loads((directory / "lora_set.json").read_text())
+    sidecar = json.loads((directory / "interventions.json").read_text())
     change(sidecar)
-    (directory / "lora_set.json").write_text(json.dumps(sidecar))
+    (directory / "interventions.json").write_text(json.dumps(sidecar))
 
 
 def rewrite_tensors(directory: Path, change) -> None:
     """Change the tensors and record the new checksum, so the check under test is the one that fires."""
-    tensors = load_file(directory / "lora_set.safetensors")
+    tensors = load_file(directory / "interventions.safetensors")
     change(tensors)
-    save_file(tensors, directory / "lora_set.safetensors")
-    data = (directory / "lora_set.safetensors").read_bytes()
+    save_file(tensors, directory / "interventions.safetensors")
+    data = (directory / "interventions.safetensors").read_bytes()
     rewrite_sidecar(directory, lambda s: s.update(sha256=sha256_hex(data)))
 
 
 BAD_FILES = {
-    "missing sidecar": (lambda d: (d / "lora_set.json").unlink(), FileNotFoundError, r"lora_set\.json` is missing"),
-    "missing tensors": (lambda d: (d / "lora_set.safetensors").unlink(), FileNotFoundError, r"lora_set\.safetensors` is missing"),
-    "sidecar not json": (lambda d: (d / "lora_set.json").write_text("{oops"), ValueError, "not valid JSON"),
+    "missing sidecar": (lambda d: (d / "interventions.json").unlink(), FileNotFoundError, r"has no `interventions\.json`"),
+    "missing tensors": (lambda d: (d / "interventions.safetensors").unlink(), FileNotFoundError, r"interventions\.safetensors` is missing"),
+    "sidecar not json": (lambda d: (d / "interventions.json").write_text("{oops"), ValueError, "not valid JSON"),
     "truncated tensors": (
-        lambda d: (d / "lora_set.safetensors").write_bytes((d / "lora_set.safetensors").read_bytes()[:-9]),
+        lambda d: (d / "interventions.safetensors").write_bytes((d / "interventions.safetensors").read_bytes()[:-9]),
         ValueError,
         "does not match the checksum",
     ),
-    "other format": (lambda d: rewrite_sidecar(d, lambda s: s.update(format="nnsight-toolbox/lora")), ValueError, "LORA.load"),
+    "other format": (lambda d: rewrite_sidecar(d, lambda s: s.update(format="nnsight-toolbox/lora")), ValueError, "is not a sidecar of this package's 'nnsight-toolbox/intervention-set' format"),
     "newer version": (lambda d: rewrite_sidecar(d, lambda s: s.update(format_version=3)), ValueError, "Upgrade nnsight-toolbox"),
-    "no adapters": (lambda d: rewrite_sidecar(d, lambda s: s.update(adapters=[])), ValueError, "non-empty list"),
-    "bad rank": (lambda d: rewrite_sidecar(d, lambda s: s["adapters"][1].update(r=0)), ValueError, r"adapter 1: field `r`"),
-    "bad dtype": (lambda d: rewrite_sidecar(d, lambda s: s["adapters"][0].update(dtype="int8")), ValueError, "floating torch dtype"),
-    "path twice": (
-        lambda d: rewrite_sidecar(d, lambda s: s["adapters"][1].update(module_path=s["adapters"][0]["module_path"])),
+    "no adapters": (lambda d: rewrite_sidecar(d, lambda s: s.update(interventions=[])), ValueError, "non-empty list"),
+    "bad rank": (
+        lambda d: rewrite_sidecar(d, lambda s: s["interventions"][1]["config"].update(r=0)),
         ValueError,
-        "twice",
+        r"LORA on `model\.transformer\.h\.1\.attn\.c_attn`: the saved options .* positive int, got 0",
+    ),
+    "bad dtype": (lambda d: rewrite_sidecar(d, lambda s: s["interventions"][0]["config"].update(dtype="int8")), ValueError, "floating torch dtype"),
+    "path twice": (
+        lambda d: rewrite_sidecar(d, lambda s: s["interventions"][1].update(module_path=s["interventions"][0]["module_path"])),
+        ValueError,
+        "same module",
     ),
     "missing tensor": (
-        lambda d: rewrite_tensors(d, lambda t: t.pop("transformer.h.1.attn.c_attn.WB")),
+        lambda d: rewrite_tensors(d, lambda t: t.pop("1.WB")),
         ValueError,
-        r"missing \['transformer\.h\.1\.attn\.c_attn\.WB'\]",
+        r"missing \['1\.WB'\]",
     ),
     "wrong shape": (
-        lambda d: rewrite_tensors(d, lambda t: t.update({"transformer.h.0.attn.c_attn.WA": torch.zeros(32, 3)})),
+        lambda d: rewrite_tensors(d, lambda t: t.update({"0.WA": torch.zeros(32, 3)})),
         ValueError,
-        r"tensor `transformer\.h\.0\.attn\.c_attn\.WA` has shape \(32, 3\)",
+        r"tensor `0\.WA` is torch\.float32 \(32, 3\), but the LORA on `model\.transformer\.h\.0\.attn\.c_attn`",
     ),
     "nan": (
-        lambda d: rewrite_tensors(d, lambda t: t["transformer.h.1.attn.c_attn.WB"].__setitem__((0, 0), float("nan"))),
+        lambda d: rewrite_tensors(d, lambda t: t["1.WB"].__setitem__((0, 0), float("nan"))),
         ValueError,
         "NaN or infinite",
     ),
@@ -196,7 +201,7 @@ def test_a_model_without_the_modules_is_refused_before_anything_is_built(model_p
     llama = load(model_paths["llama"])
     built = []
     monkeypatch.setattr(LORA, "__init__", lambda self, *a, **k: built.append(a) or (_ for _ in ()).throw(AssertionError))
-    with pytest.raises(ValueError, match=r"2 module\(s\) this model does not have, e\.g\. `transformer\.h\.0\.attn\.c_attn`"):
+    with pytest.raises(ValueError, match=r"2 module\(s\) this model does not have, e\.g\. `model\.transformer\.h\.0\.attn\.c_attn`"):
         LoraSet.load(directory, llama)
     assert built == []
 
@@ -207,7 +212,7 @@ def test_a_model_of_other_widths_is_refused_naming_both_shapes(model_paths, tmp_
     gpt2 = load(model_paths["gpt2"])
     directory = saved(gpt2, tmp_path)
     wider = load(save_tiny_model("gpt2", tmp_path / "wider", n_embd=64))
-    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn.*\(32, 96\).*\(64, 192\)"):
+    with pytest.raises(ValueError, match=r"'input_dim': 32, 'output_dim': 96\}, but `model\.transformer\.h\.0\.attn\.c_attn` \(Conv1D\) has input_dim=64, output_dim=192"):
         LoraSet.load(directory, wider)
 
 
@@ -217,13 +222,12 @@ def test_a_submodule_is_refused_with_a_hint_to_pass_the_model(gpt2, tmp_path):
         LoraSet.load(directory, gpt2.transformer)
 
 
-def test_each_format_points_at_the_other_loader(gpt2, tmp_path):
+def test_one_save_loads_as_a_set_of_one_and_a_set_points_at_its_loader(gpt2, tmp_path):
     one = LORA(gpt2.transformer.h[0].mlp, r=2)
     one.save(tmp_path / "one")
-    with pytest.raises(FileNotFoundError, match=r"LORA\.load\(directory, module\)"):
-        LoraSet.load(tmp_path / "one", gpt2)
+    assert list(LoraSet.load(tmp_path / "one", gpt2)) == ["model.transformer.h.0.mlp"]
     LORA.on(gpt2, ["c_attn"], r=2).save(tmp_path / "set")
-    with pytest.raises(FileNotFoundError, match=r"LoraSet\.load\(directory, model\)"):
+    with pytest.raises(ValueError, match=r"collection of 2 interventions, not one.*LoraSet\.load"):
         LORA.load(tmp_path / "set", gpt2.transformer.h[0].mlp)
 
 

@@ -104,14 +104,14 @@ class Entry:
 class Saved:
     """A read sidecar: its entries and where its files are."""
 
-    __slots__ = ("entries", "sidecar_path", "tensors_path", "sha256", "is_set")
+    __slots__ = ("entries", "sidecar_path", "tensors_path", "sha256", "is_single_file")
 
-    def __init__(self, entries: list[Entry], sidecar_path: Path, tensors_path: Path, sha256: str, is_set: bool) -> None:
+    def __init__(self, entries: list[Entry], sidecar_path: Path, tensors_path: Path, sha256: str, is_single_file: bool) -> None:
         self.entries = entries
         self.sidecar_path = sidecar_path
         self.tensors_path = tensors_path
         self.sha256 = sha256
-        self.is_set = is_set  # written by a collection (a `LoraSet` or `InterventionSet`)
+        self.is_single_file = is_single_file  # `lora.json` or `intervention.json`, whose path is the nnsight one
 
 
 # ---------------------------------------------------------------------------
@@ -119,7 +119,7 @@ class Saved:
 # ---------------------------------------------------------------------------
 
 
-def save_interventions(members: list, directory: str | os.PathLike, root_path: str, what: str, *, is_set: bool = False) -> Path:
+def save_interventions(members: list, directory: str | os.PathLike, root_path: str, what: str) -> Path:
     """Write ``members`` (interventions of one model, in order) to ``directory``, replaced as a whole.
 
     ``root_path`` is the model root's nnsight path (``"model"``), which module
@@ -140,7 +140,6 @@ def save_interventions(members: list, directory: str | os.PathLike, root_path: s
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "package_version": __version__,
-        "collection": is_set,
         "interventions": entries,
         "sha256": sha256_hex(data),
     }
@@ -234,7 +233,8 @@ def load_many(directory: str | os.PathLike, model: "Envoy", what: str) -> list:
     names = {name for name, _ in model._module.named_modules() if name}
     placed, missing = [], []
     for entry in saved.entries:
-        path = relative_path(entry.module_path, model.path)
+        # Earlier single-intervention files recorded the nnsight path (`model.transformer.h.0`).
+        path = relative_path(entry.module_path, model.path) if saved.is_single_file else entry.module_path
         if path not in names:
             missing.append(f"{model.path}.{path}")
             continue
@@ -331,9 +331,9 @@ def read_saved(directory: str | os.PathLike) -> Saved:
     if not isinstance(sidecar.get("sha256"), str):
         raise ValueError(f"{where}: field `sha256` should be a str, got {sidecar.get('sha256')!r}.")
     if format_name == "nnsight-toolbox/lora":
-        entries, is_set = [_lora_entry(sidecar, where, "")], False
+        entries, single = [_lora_entry(sidecar, where, "")], True
     elif format_name == "nnsight-toolbox/intervention":
-        entries, is_set = [_entry(sidecar, where, "")], False
+        entries, single = [_entry(sidecar, where, "")], True
     else:
         key = "adapters" if format_name == "nnsight-toolbox/lora-set" else "interventions"
         listed = sidecar.get(key)
@@ -343,8 +343,8 @@ def read_saved(directory: str | os.PathLike) -> Saved:
             entries = [_lora_set_entry(item, f"{where}, entry {i}") for i, item in enumerate(listed)]
         else:
             entries = [_entry(item, f"{where}, entry {i}", f"{i}.") for i, item in enumerate(listed)]
-        is_set = sidecar.get("collection", True) is not False
-    return Saved(entries, sidecar_path, tensors_path, sidecar["sha256"], is_set)
+        single = False
+    return Saved(entries, sidecar_path, tensors_path, sidecar["sha256"], single)
 
 
 def check_format(sidecar: dict[str, Any], path: Path, expected: str, newest: int, other_hint: str) -> None:

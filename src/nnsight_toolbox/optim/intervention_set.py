@@ -215,7 +215,7 @@ class InterventionSet(Optimization):
         """
         from ..artifacts.native import save_interventions  # here, not at the top: see `ModuleIntervention.save`
 
-        save_interventions(self._members, directory, self._root_path, f"`{type(self).__name__}.save`", is_set=True)
+        save_interventions(self._members, directory, self._root_path, f"`{type(self).__name__}.save`")
 
     @classmethod
     def load(cls: type[Set], directory: str | os.PathLike, model: Envoy) -> Set:
