@@ -144,16 +144,6 @@ class ReftBase(ModuleIntervention):
         self.rotate_layer = OrthonormalColumns(self.output_dim, r, dtype, self._device_hint)
         self.learned_source = torch.nn.Linear(self.output_dim, r, dtype=dtype, device=self._device_hint)  # W h + b
 
-    def config(self) -> dict[str, Any]:
-        """The constructor's keyword arguments, as JSON values (``r`` included).
-
-        Examples:
-            >>> from nnsight_toolbox import LoReFT
-            >>> LoReFT(model.transformer.h[0], r=4).config()["r"]
-            4
-        """
-        return {"r": self.r, **ModuleIntervention.config(self)}
-
     @property
     def R(self) -> torch.Tensor:
         """``R``, shape ``(r, d)``, orthonormal rows (computed from ``rotate_layer``).

@@ -127,15 +127,6 @@ class ModuleCopy(ModuleIntervention):
         clone._build(module, _plain_copy(module._module))
         return clone
 
-    def config(self) -> dict[str, Any]:
-        """No options: the copy is rebuilt from the module itself, then its saved tensors go in.
-
-        Examples:
-            >>> ModuleCopy(model.lm_head).config()
-            {}
-        """
-        return {}
-
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
         """The copy's tensors (keys ``copy.<name>``), checked first; on weights not loaded yet (meta), the saved tensors become the copy's.
 

@@ -29,6 +29,7 @@ The docs page "Write your own kind" walks through it.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import TYPE_CHECKING, Any, Mapping, TypeVar
@@ -207,14 +208,28 @@ class ModuleIntervention(Optimization):
         return self.module.path
 
     def config(self) -> dict[str, Any]:
-        """The constructor's keyword arguments (besides ``module``), as JSON values: what `save` records.
+        """The constructor's arguments besides ``module``, as JSON values: what `save` records and `load` rebuilds from.
+
+        By default each argument of the kind's ``__init__`` is read from the
+        attribute of the same name (a dtype as its name, ``"float32"``), so a kind
+        that stores its arguments needs no `config` of its own.
 
         Examples:
             >>> from nnsight_toolbox import SteeringVector
             >>> SteeringVector(model.transformer.h[0]).config()
             {'dropout': 0.0, 'dtype': 'float32', 'output_dim': 32}
         """
-        return {"dropout": self.dropout, "dtype": dtype_name(self.dtype), "output_dim": self.output_dim}
+        config = {}
+        for name in constructor_arguments(type(self)):
+            if name not in self.__dict__ and not hasattr(type(self), name):
+                raise TypeError(
+                    f"`{type(self).__name__}.config()` reads each argument of `__init__` from the attribute of "
+                    f"the same name, but there is no `self.{name}`. Store it in `__init__`, or define `config()` "
+                    f"returning the keyword arguments that rebuild the object."
+                )
+            value = getattr(self, name)
+            config[name] = dtype_name(value) if isinstance(value, torch.dtype) else value
+        return config
 
     def forward(self, alpha: float = 1.0, *, steps: Steps = None, positions: Positions = None) -> None:
         """Switch the intervention on for the running trace, from this call onward.
@@ -369,6 +384,18 @@ class ModuleIntervention(Optimization):
 
     def extra_repr(self) -> str:
         return ", ".join([self.path, *(f"{k}={v}" for k, v in self.config().items())])
+
+
+def constructor_arguments(cls: type) -> list[str]:
+    """The names of ``cls.__init__``'s arguments after ``self`` and the module, in order (not ``*args``/``**kwargs``).
+
+    Examples:
+        >>> from nnsight_toolbox import SteeringVector
+        >>> constructor_arguments(SteeringVector)
+        ['dropout', 'dtype', 'output_dim']
+    """
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[2:]
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def add_in_dtype(output: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:

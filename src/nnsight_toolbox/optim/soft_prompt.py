@@ -97,16 +97,6 @@ class SoftPrompt(ModuleIntervention):
         self.n = n
         self.embeddings = torch.nn.Parameter(torch.randn(n, self.output_dim, dtype=dtype, device=self._device_hint))
 
-    def config(self) -> dict[str, Any]:
-        """The constructor's keyword arguments, as JSON values (``n`` included).
-
-        Examples:
-            >>> from nnsight_toolbox import SoftPrompt
-            >>> SoftPrompt(model.transformer.wte, n=4).config()["n"]
-            4
-        """
-        return {"n": self.n, **ModuleIntervention.config(self)}
-
     def _positions(self, positions: Positions) -> PositionSpec:
         """``None``: positions 0…n-1; an int ``p >= 0``: positions p…p+n-1."""
         start = 0 if positions is None else positions
