@@ -1,7 +1,7 @@
 """Adapters as artifacts: save and load, PEFT export and import, merging.
 
-- `native`: this package's own format (safetensors + a JSON sidecar), for any target.
-- `native_set`: the same for a whole `LoraSet`, one tensor file keyed by module path.
+- `native`: this package's own format (safetensors + a JSON sidecar), for any kind
+  on any module, one intervention or a collection; earlier versions' files too.
 - `peft_format`: PEFT's LoRA format, for Linear, Conv1D and Embedding targets.
 - `merging`: folding an adapter into its layer's weight and back out.
 

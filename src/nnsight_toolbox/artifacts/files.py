@@ -296,7 +296,7 @@ def read_header(path: Path, *, allow_short: bool = False) -> dict[str, TensorInf
 
     Examples:
         >>> lora.save("adapters/mlp")
-        >>> read_header(Path("adapters/mlp/lora.safetensors"))["WA"].shape
+        >>> read_header(Path("adapters/mlp/interventions.safetensors"))["0.WA"].shape
         (32, 8)
     """
     size = path.stat().st_size

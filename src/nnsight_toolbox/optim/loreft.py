@@ -185,7 +185,7 @@ class ReftBase(ModuleIntervention):
             >>> torch.equal(a.R, b.R)
             True
         """
-        self._check_state_dict(state_dict, strict)
+        self._check_state_dict(state_dict, strict)  # the base's check: our keys are pyreft's
         with torch.no_grad():
             self.learned_source.weight.copy_(state_dict["weight"])
             self.learned_source.bias.copy_(state_dict["bias"])
@@ -194,25 +194,6 @@ class ReftBase(ModuleIntervention):
             rotation.base.copy_(complete_orthonormal(Rt))
             rotation.generator.zero_()  # exp(0) = I, so R^T = base[:, :r] exactly
         return None
-
-    def _check_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
-        """Refuse anything but pyreft's keys at this rank and width; changes nothing."""
-        missing = [k for k in REFT_KEYS if k not in state_dict]
-        unexpected = sorted(k for k in state_dict if k not in REFT_KEYS)
-        if missing or (strict and unexpected):
-            raise KeyError(
-                f"`{type(self).__name__}.load_state_dict` takes pyreft's keys {list(REFT_KEYS)}; missing "
-                f"{missing or 'none'}, unexpected {unexpected or 'none'}. Pass `state_dict()` of a "
-                f"`{type(self).__name__}` or of pyreft's intervention of the same rank."
-            )
-        d, r = self.output_dim, self.r
-        expected = {"weight": (r, d), "bias": (r,), "rotate_layer": (d, r)}
-        for key, shape in expected.items():
-            if tuple(state_dict[key].shape) != shape:
-                raise ValueError(
-                    f"`{key}` has shape {tuple(state_dict[key].shape)}, but this {type(self).__name__} "
-                    f"(r={r}, width {d}) needs {shape}. Build it with the rank the weights were trained at."
-                )
 
     def _usual_parts(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
         """``(R^T, W, b)`` when ``output`` needs nothing converted or dropped out, else ``None`` (then `_parts`).
