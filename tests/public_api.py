@@ -18,6 +18,12 @@ PACKAGE = "nnsight_toolbox"
 #: Public names that are torch hooks this package overrides, not API of its own.
 NOT_API = {"extra_repr"}
 
+#: Class attributes that describe a kind to the machinery. Each is documented once, on the
+#: base that declares it (`ModuleIntervention`, `Optimization`); a kind that sets its own
+#: value uses that attribute, it does not add a public name.
+KIND_SETTINGS = {"call_name", "alpha_means", "reads_input", "reads_output", "reads_positions"}
+SETTINGS_DECLARED_ON = {"ModuleIntervention", "Optimization"}
+
 
 @dataclass(frozen=True)
 class PublicObject:
@@ -59,8 +65,12 @@ def public_objects(package: griffe.Module | None = None) -> list[PublicObject]:
         paths.setdefault(target.path, []).append(path)
         if target.is_class:
             for name, member in target.all_members.items():
-                if not name.startswith("_") and name not in NOT_API:
-                    add(f"{path}.{name}", member)
+                if name.startswith("_") or name in NOT_API:
+                    continue
+                owner = (member.final_target if member.is_alias else member).parent
+                if name in KIND_SETTINGS and owner is not None and owner.name not in SETTINGS_DECLARED_ON:
+                    continue
+                add(f"{path}.{name}", member)
 
     for module in public_modules(package):
         for name in module.exports or ():

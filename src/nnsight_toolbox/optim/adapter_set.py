@@ -195,10 +195,22 @@ class LoraSet(InterventionSet, Mapping):
     def __len__(self) -> int:
         return len(self._by_path)
 
-    def values(self) -> Any:  # the adapters in model order, as `InterventionSet` holds them
+    def values(self) -> Any:
+        """The adapters, in the order the model reaches their modules.
+
+        Examples:
+            >>> [type(lora).__name__ for lora in adapters.values()]
+            ['LORA', 'LORA']
+        """
         return self._by_path.values()
 
     def items(self) -> Any:
+        """``(module path, adapter)`` pairs, in the order the model reaches the modules.
+
+        Examples:
+            >>> [path for path, lora in adapters.items()]
+            ['model.transformer.h.0.attn.c_attn', 'model.transformer.h.1.attn.c_attn']
+        """
         return self._by_path.items()
 
     # A Mapping compares by contents and so would be unhashable; a module is

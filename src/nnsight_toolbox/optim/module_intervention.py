@@ -189,8 +189,7 @@ class ModuleIntervention(Optimization):
         self.output_dim = width
 
     def _bind(self, module: Envoy) -> None:
-        """Start the torch module and hold ``module`` (checked): the part of `__init__` every kind needs."""
-        check_envoy(module, type(self).__name__)
+        """Start the torch module and hold ``module``: the part of `__init__` every kind needs (``module`` checked by the caller)."""
         Optimization.__init__(self)
         self.module = module
         self.metadata = {}

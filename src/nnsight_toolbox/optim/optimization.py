@@ -36,8 +36,9 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
         ...     lora()                                        # applies it in this trace
         ...     logits = model.lm_head.output.save()
 
-        A trainable intervention of your own: a steering vector added to a
-        module's output.
+        An intervention that acts in its own ``forward`` with nnsight's
+        ``.output =`` (to write a kind that rows, ``positions=``, generation and
+        save/load work for, subclass `ModuleIntervention` instead):
 
         >>> class Steer(Optimization):
         ...     def __init__(self, module, width):
@@ -168,12 +169,13 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
             >>> torch.save(lora.state_dict(), "weights.pt")   # the tensors pickle; or `lora.save(directory)`
         """
         if _holds_envoy(self) and not _pickled_for_nnsight_server():
+            kind = type(self).__name__
             raise TypeError(
-                f"A `{type(self).__name__}` cannot be pickled: it holds the nnsight Envoy of the "
+                f"A `{kind}` cannot be pickled: it holds the nnsight Envoy of the "
                 f"module it acts on, and through it the whole model, which `pickle` and "
-                f"`torch.save` cannot write. Save the adapter instead: `lora.save(directory)` and "
-                f"`LORA.load(directory, module)` (`adapters.save` / `LoraSet.load` for a set), or "
-                f"pickle its tensors, `state_dict()`, and load them into a new adapter with "
+                f"`torch.save` cannot write. Save it instead: `.save(directory)`, then "
+                f"`{kind}.load(directory, {'model' if hasattr(self, '_members') else 'module'})`, or "
+                f"pickle its tensors, `state_dict()`, and load them into a new one with "
                 f"`load_state_dict`. `copy.deepcopy` copies it in memory, and remote traces "
                 f"(`remote=True`) send it as usual."
             )
