@@ -323,7 +323,7 @@ def test_widths_of_a_block_resolve_on_a_model_whose_weights_are_not_loaded(model
 
 def test_building_a_block_adapter_inside_a_trace_says_to_build_it_before(family_paths):
     model = load(family_paths, "opt")
-    with pytest.raises(RuntimeError, match="Build the adapter before the trace"):
+    with pytest.raises(RuntimeError, match="Build the `LORA` before the trace"):
         with model.trace("Hello"):
             LORA(model.model.decoder.layers[0], r=4)
 

@@ -136,7 +136,7 @@ def test_calling_outside_a_trace_is_refused(gpt2):
 
 def test_calling_between_invokes_is_refused_with_where_to_call_it(gpt2):
     lora = LORA(gpt2.transformer.h[0].mlp, r=4)
-    with pytest.raises(RuntimeError, match=r"call it inside the invoke whose rows it should adapt"):
+    with pytest.raises(RuntimeError, match=r"call it inside the invoke whose rows it should change"):
         with gpt2.trace() as tracer:
             lora()
             with tracer.invoke(PROMPT):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import types
 from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 
 import torch
@@ -172,6 +173,8 @@ class ModuleIntervention(Optimization):
         object.__init_subclass__()
         if not cls.call_name:
             cls.call_name = f"{cls.__name__}()"
+        if "load" not in cls.__dict__:  # `help(Kind)` shows `load` returning this class, not the base
+            cls.load = classmethod(_returning(ModuleIntervention.__dict__["load"].__func__, cls))
         register(cls)
 
     def __init__(self, module: Envoy, *, dropout: float = 0.0, dtype: torch.dtype = torch.float32, output_dim: int | None = None) -> None:
@@ -383,6 +386,15 @@ class ModuleIntervention(Optimization):
 
     def extra_repr(self) -> str:
         return ", ".join([self.path, *(f"{k}={v}" for k, v in self.config().items())])
+
+
+def _returning(function: Any, cls: type) -> Any:
+    """A copy of ``function`` (same code) whose return annotation is ``cls``: what `help` shows for it."""
+    copy = types.FunctionType(function.__code__, function.__globals__, function.__name__, function.__defaults__, function.__closure__)
+    copy.__kwdefaults__, copy.__doc__, copy.__qualname__ = function.__kwdefaults__, function.__doc__, f"{cls.__qualname__}.{function.__name__}"
+    copy.__module__ = function.__module__
+    copy.__annotations__ = {**function.__annotations__, "return": cls}
+    return copy
 
 
 def constructor_arguments(cls: type) -> list[str]:
