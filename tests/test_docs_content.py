@@ -83,3 +83,14 @@ def test_docstring_examples_agree_with_the_reference_setup(name):
         assert rank == "8", f"{name} builds `lora` with r={rank}, the reference's has r=8"
     for lr in re.findall(r"lr=([0-9.e-]+)", source):
         assert 1e-3 <= float(lr) <= 5e-2, f"{name} shows lr={lr}, outside the guide's 1e-3 to 5e-2"
+
+
+def test_notebook_headings_have_no_inline_code():
+    """mkdocs-jupyter lists a notebook's headings without their inline code: "A sweep of `alpha`"
+    read "A sweep of ," in the page's contents, and its link missed the heading's anchor."""
+    found = []
+    for notebook in sorted((ROOT / "examples").rglob("*.ipynb")):
+        for cell in json.loads(notebook.read_text())["cells"]:
+            if cell["cell_type"] == "markdown":
+                found += [f"{notebook.name}: {line}" for line in "".join(cell["source"]).splitlines() if line.startswith("#") and "`" in line]
+    assert not found, f"headings with inline code: {found}"

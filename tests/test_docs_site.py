@@ -64,6 +64,26 @@ def test_the_notebooks_are_pages_with_their_outputs(site, page):
         assert noise not in html, f"{page} shows {noise!r}"
 
 
+def nav_titles() -> dict[str, str]:
+    """``{page: title}`` of the notebook pages, as mkdocs.yml's nav names them."""
+    nav = (ROOT / "mkdocs.yml").read_text().split("nav:", 1)[1].split("\n\n", 1)[0]
+    return {page: title for title, page in re.findall(r"^\s+- (.+): (examples/[\w.-]+\.ipynb)\s*$", nav, flags=re.M)}
+
+
+@pytest.mark.parametrize("page", sorted(NOTEBOOK_PAGES))
+def test_the_notebook_pages_have_their_whole_titles(site, page):
+    """The page's `<title>` is the nav's title for it, and its table of contents links to its headings.
+
+    mkdocs-jupyter drops inline code from a notebook's headings where it lists them: with a title
+    from the first heading, "Teach a tiny GPT-2 to say" was the page's `<title>` and sidebar entry."""
+    html = (site / page).read_text()
+    title = nav_titles()[page.removesuffix("/index.html") + ".ipynb"]
+    assert f"<title>{title} - nnsight-toolbox</title>" in html, f"{page}'s <title> is not {title!r}"
+    ids = set(re.findall(r'id="([^"]+)"', html))
+    broken = [anchor for anchor in re.findall(r'href="#([^"]+)" class="md-nav__link"', html) if anchor not in ids]
+    assert not broken, f"{page}'s table of contents links to anchors the page lacks (a heading with inline code?): {broken}"
+
+
 def test_the_notebook_pages_are_the_notebooks_of_examples():
     linked = {p.name: p.resolve() for p in (ROOT / "docs" / "examples").glob("*.ipynb")}
     notebooks = {p.name: p.resolve() for p in (ROOT / "examples").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts}
