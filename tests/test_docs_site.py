@@ -59,6 +59,7 @@ NOTEBOOK_PAGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", sorted(NOTEBOOK_PAGES))
 def test_the_notebooks_are_pages_with_their_outputs(site, page):
     """Executed when the site is built: their printed results and plots are on the page."""
@@ -75,6 +76,7 @@ def nav_titles() -> dict[str, str]:
     return {page: title for title, page in re.findall(r"^\s+- (.+): (examples/[\w.-]+\.ipynb)\s*$", nav, flags=re.M)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", sorted(NOTEBOOK_PAGES))
 def test_the_notebook_pages_have_their_whole_titles(site, page):
     """The page's `<title>` is the nav's title for it, and its table of contents links to its headings.
@@ -100,6 +102,7 @@ def extension_point(path: str) -> str | None:
     return name if name in EXTENSION_POINTS else None
 
 
+@pytest.mark.slow
 def test_every_public_name_has_an_entry_in_the_api_reference(site):
     """A name a user calls has its own entry; an extension point (`intervene`, ...) has one on the
     page for writing a kind of your own, whichever class it is reached through."""
@@ -113,6 +116,7 @@ def test_every_public_name_has_an_entry_in_the_api_reference(site):
     assert not missing, f"extension points with no entry on {EXTENSION_PAGE}: {missing}"
 
 
+@pytest.mark.slow
 def test_the_user_pages_leave_out_the_extension_points(site):
     """`reads_input`, `intervene`, ... are how a kind plugs into the machinery, not what a user calls."""
     shown = sorted(anchor for anchor in anchors(site, user_pages(site)) if extension_point(anchor))
@@ -136,6 +140,7 @@ def test_every_public_name_has_a_docstring_with_an_example():
     assert not missing, f"public names whose docstring has no `Examples:` section: {missing}"
 
 
+@pytest.mark.slow
 def test_a_broken_reference_fails_the_build(tmp_path):
     """The strictness is real: a reference to a name that does not exist stops the build."""
     shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
