@@ -138,6 +138,20 @@ def test_pool_pairs_each_round_with_peft(tiny_run, tmp_path):
     assert low <= statistics.median(by_hand) <= high
 
 
+def test_pool_divides_by_the_reference_it_is_given():
+    """The README's comparison: the last recorded session, over PEFT inside nnsight, round by round."""
+    pool = import_benchmark("pool")
+    runs = sorted((BENCHMARKS / "reports" / "dispatch-gpt2-runs" / "493bdce").glob("run*.jsonl"))
+    assert len(runs) == 6
+    pooled = pool.pooled_ratios(runs, reference="peft-in-nnsight")
+    generate = [by_measure(path, "generate") for path in runs]
+    by_hand = [t / p for g in generate for t, p in zip(g["toolbox"]["times_ms"], g["peft-in-nnsight"]["times_ms"])]
+    assert pooled[("generate", "toolbox")] == pytest.approx(by_hand)
+    assert ("generate", "peft-in-nnsight") not in pooled and ("generate", "peft") in pooled
+    assert f"{statistics.median(by_hand):.3f}" == "0.906"  # what the README shows
+    assert "| generate | toolbox | 54 | 0.906x |" in pool.table(runs, "peft-in-nnsight")
+
+
 @pytest.mark.slow
 def test_pool_prints_the_table_and_draws_the_plot(tiny_run, tmp_path):
     pytest.importorskip("matplotlib")
