@@ -106,7 +106,7 @@ def extension_point(path: str) -> str | None:
 def test_every_public_name_has_an_entry_in_the_api_reference(site):
     """A name a user calls has its own entry; an extension point (`intervene`, ...) has one on the
     page for writing a kind of your own, whichever class it is reached through."""
-    found = anchors(site, user_pages(site))
+    found = anchors(site)
     assert (site / EXTENSION_PAGE).exists(), f"no {EXTENSION_PAGE}: the page that documents the extension points"
     extension = {extension_point(anchor) for anchor in anchors(site, [site / EXTENSION_PAGE])} - {None}
     objects = public_objects()
