@@ -5,10 +5,11 @@ machine; pooling the rounds of several runs narrows it. Run by hand::
 
     python benchmarks/pool.py benchmarks/results/cpu-a.jsonl benchmarks/results/cpu-b.jsonl
     python benchmarks/pool.py benchmarks/results/cpu-*.jsonl --plot ratios.png
+    python benchmarks/pool.py benchmarks/results/cpu-*.jsonl --reference peft-in-nnsight
 
 Prints a markdown table: per measure and variant, the median over all rounds
-of the variant's time over PEFT's in the same round, and a 95% bootstrap
-interval of that median. ``--plot`` also draws them, with each run's own
+of the variant's time over PEFT's in the same round (``--reference`` names
+another variant to divide by), and a 95% bootstrap interval of that median. ``--plot`` also draws them, with each run's own
 median beside the pooled one (needs matplotlib).
 """
 
@@ -45,14 +46,15 @@ def bootstrap_interval(values: list[float], draws: int = 2000, seed: int = 0) ->
     return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
 
 
-def table(paths: list[Path]) -> str:
+def table(paths: list[Path], reference: str = "peft") -> str:
+    name = "PEFT" if reference == "peft" else reference
     lines = [
-        f"Pooled over {len(paths)} runs: median over rounds of time / PEFT's time in the same round, 95% bootstrap interval.",
+        f"Pooled over {len(paths)} runs: median over rounds of time / {name}'s time in the same round, 95% bootstrap interval.",
         "",
-        "| measure | variant | rounds | ratio to PEFT | 95% interval |",
+        f"| measure | variant | rounds | ratio to {name} | 95% interval |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for (measure, variant), values in sorted(pooled_ratios(paths).items(), key=lambda kv: (MEASURES.index(kv[0][0]), kv[0][1])):
+    for (measure, variant), values in sorted(pooled_ratios(paths, reference).items(), key=lambda kv: (MEASURES.index(kv[0][0]), kv[0][1])):
         low, high = bootstrap_interval(values)
         lines.append(f"| {measure} | {variant} | {len(values)} | {statistics.median(values):.3f}x | {low:.3f} - {high:.3f} |")
     return "\n".join(lines)
@@ -67,8 +69,8 @@ def run_label(path: Path) -> str:
     return path.stem
 
 
-def plot(paths: list[Path], out: Path) -> None:
-    """Draw the pooled ratios to PEFT with their intervals, one panel per measure, into ``out``.
+def plot(paths: list[Path], out: Path, reference: str = "peft") -> None:
+    """Draw the pooled ratios to PEFT (or ``reference``) with their intervals, one panel per measure, into ``out``.
 
     Each row is a variant: the dot is the median over every pooled round, the
     bar its 95% bootstrap interval, and the small grey marks each run's own
@@ -82,11 +84,12 @@ def plot(paths: list[Path], out: Path) -> None:
     except ImportError as error:
         raise SystemExit(f"--plot needs matplotlib ({error}); install it with `pip install matplotlib`.") from None
 
-    pooled = pooled_ratios(paths)
-    per_run = [pooled_ratios([path]) for path in paths]
+    name = "PEFT" if reference == "peft" else reference
+    pooled = pooled_ratios(paths, reference)
+    per_run = [pooled_ratios([path], reference) for path in paths]
     measures = [m for m in MEASURES if any(key[0] == m for key in pooled)]
     if not measures:
-        raise SystemExit(f"No timed measure with a PEFT reference in {', '.join(map(str, paths))}: nothing to plot.")
+        raise SystemExit(f"No timed measure with a {name} reference in {', '.join(map(str, paths))}: nothing to plot.")
     rows = {m: sorted(v for (measure, v) in pooled if measure == m) for m in measures}
     figure, axes = plt.subplots(
         len(measures), 1, sharex=True, squeeze=False,
@@ -108,7 +111,7 @@ def plot(paths: list[Path], out: Path) -> None:
         ax.invert_yaxis()
         ax.set_title(measure.replace("_", " "), loc="left", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
-    axes[-1, 0].set_xlabel("time / PEFT's time in the same round (red line: PEFT; left of it is faster)")
+    axes[-1, 0].set_xlabel(f"time / {name}'s time in the same round (red line: {name}; left of it is faster)", fontsize=9)
     labels = sorted({run_label(path) for path in paths})
     figure.suptitle(
         f"{'; '.join(labels)}: {len(paths)} run{'s' if len(paths) > 1 else ''}\n"
@@ -124,13 +127,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="JSON lines files written by run.py")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="also draw the ratios into this image")
+    parser.add_argument("--reference", default="peft", help="the variant every time is divided by (default: raw PEFT)")
     args = parser.parse_args(argv)
     missing = [str(path) for path in args.runs if not path.is_file()]
     if missing:
         parser.error(f"no such run file: {', '.join(missing)}")
-    print(table(args.runs))
+    print(table(args.runs, args.reference))
     if args.plot is not None:
-        plot(args.runs, args.plot)
+        plot(args.runs, args.plot, args.reference)
         print(f"\nwrote {args.plot}")
 
 

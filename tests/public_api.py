@@ -24,6 +24,13 @@ NOT_API = {"extra_repr"}
 KIND_SETTINGS = {"call_name", "alpha_means", "reads_input", "reads_output", "reads_positions"}
 SETTINGS_DECLARED_ON = {"ModuleIntervention", "Optimization"}
 
+#: Members by which a kind plugs into the package's machinery: the machinery calls or reads
+#: them, a user calls none of them. The API reference documents them once, on the page for
+#: writing a kind of your own (EXTENSION_PAGE), and leaves them out of every other page
+#: (mkdocs.yml's `filters`). They are still public: each keeps its docstring and example.
+EXTENSION_POINTS = {"intervene", "reads_input", "reads_output", "reads_positions", "config", "call_name", "alpha_means"}
+EXTENSION_PAGE = "api/module-intervention/index.html"
+
 
 @dataclass(frozen=True)
 class PublicObject:

@@ -59,6 +59,7 @@ def by_measure(path: Path, measure: str) -> dict[str, dict]:
     return {r["variant"]: r for r in records(path) if r["measure"] == measure}
 
 
+@pytest.mark.slow
 def test_every_variant_computes_what_the_hooks_compute(tiny_run):
     agreement = by_measure(tiny_run, "agreement")
     assert set(agreement) == VARIANTS
@@ -93,6 +94,7 @@ def test_peft_in_nnsight_runs_peft_layers_inside_the_traced_model():
     assert not any(isinstance(m, LoraLayer) for m in models.raw.modules())  # the other copies stay bare
 
 
+@pytest.mark.slow
 def test_each_measure_times_every_variant_in_paired_rounds(tiny_run):
     meta = records(tiny_run)[0]
     assert meta["measure"] == "meta" and "partial" not in meta
@@ -122,6 +124,7 @@ def test_each_measure_times_every_variant_in_paired_rounds(tiny_run):
     assert "Toolbox over PEFT inside nnsight (`peft=`), paired the same way: train step " in table
 
 
+@pytest.mark.slow
 def test_pool_pairs_each_round_with_peft(tiny_run, tmp_path):
     pool = import_benchmark("pool")
     second = tmp_path / "again.jsonl"
@@ -135,6 +138,21 @@ def test_pool_pairs_each_round_with_peft(tiny_run, tmp_path):
     assert low <= statistics.median(by_hand) <= high
 
 
+def test_pool_divides_by_the_reference_it_is_given():
+    """The README's comparison: the last recorded session, over PEFT inside nnsight, round by round."""
+    pool = import_benchmark("pool")
+    runs = sorted((BENCHMARKS / "reports" / "dispatch-gpt2-runs" / "493bdce").glob("run*.jsonl"))
+    assert len(runs) == 6
+    pooled = pool.pooled_ratios(runs, reference="peft-in-nnsight")
+    generate = [by_measure(path, "generate") for path in runs]
+    by_hand = [t / p for g in generate for t, p in zip(g["toolbox"]["times_ms"], g["peft-in-nnsight"]["times_ms"])]
+    assert pooled[("generate", "toolbox")] == pytest.approx(by_hand)
+    assert ("generate", "peft-in-nnsight") not in pooled and ("generate", "peft") in pooled
+    assert f"{statistics.median(by_hand):.3f}" == "0.906"  # what the README shows
+    assert "| generate | toolbox | 54 | 0.906x |" in pool.table(runs, "peft-in-nnsight")
+
+
+@pytest.mark.slow
 def test_pool_prints_the_table_and_draws_the_plot(tiny_run, tmp_path):
     pytest.importorskip("matplotlib")
     image = tmp_path / "ratios.png"
@@ -147,6 +165,7 @@ def test_pool_prints_the_table_and_draws_the_plot(tiny_run, tmp_path):
     assert missing.returncode == 2 and "no such run file" in missing.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils")
 def test_gpu_script_runs_every_step_and_returns_its_files(tmp_path):
     """`benchmarks/gpu/run.sh` on the tiny config: what one device call would bring back."""
@@ -195,6 +214,7 @@ def test_count_reads_one_total_per_dump_and_costs_each_adapter_call(tmp_path):
     assert "Toolbox over PEFT inside nnsight (`peft=`): generate 0.800x." in table
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("valgrind") is None or shutil.which("callgrind_control") is None, reason="needs valgrind")
 def test_count_runs_under_callgrind_and_counts_the_whole_call(tmp_path):
     out = tmp_path / "count.jsonl"
@@ -209,6 +229,7 @@ def test_count_runs_under_callgrind_and_counts_the_whole_call(tmp_path):
     assert "| generate |" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
 def test_every_intervention_generates_what_its_hook_does_before_it_is_counted():
     done = run(sys.executable, str(BENCHMARKS / "count_interventions.py"), "--check", "--new-tokens", "3")
     assert done.returncode == 0, done.stdout + done.stderr

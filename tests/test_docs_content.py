@@ -40,6 +40,20 @@ def test_the_readme_test_command_is_the_one_ci_runs():
     assert f"```bash\n{command}\n```" in README, "the README's set-up + test command must be .ci/run's, verbatim"
 
 
+def test_the_readme_quick_check_is_the_ci_test_command_without_the_slow_tests():
+    """The first check the README offers runs what CI runs, less the tests marked `slow`."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = next(line for line in ci.splitlines() if line.startswith("python3 -m venv .venv"))
+    pytest_call = command.rsplit(" && ", 1)[1]
+    assert pytest_call.startswith(".venv/bin/python -m pytest"), pytest_call
+    quick = f'{pytest_call} -m "not slow"'
+    assert f"```bash\n{quick}\n```" in README, f"the README should offer `{quick}` as the quick check"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^\s+"slow: ', pyproject, flags=re.M), "register the `slow` marker in pyproject.toml"
+    marked = [p.name for p in (ROOT / "tests").rglob("test_*.py") if "@pytest.mark.slow" in p.read_text()]
+    assert {"test_docs_site.py", "test_notebooks.py", "test_benchmarks.py"} <= set(marked), marked
+
+
 def test_the_readme_starts_with_what_it_is_then_how_to_set_up():
     headings = re.findall(r"^## (.+)$", README, flags=re.M)
     assert headings[0].startswith("Set up"), f"the first section should be the set-up commands, not {headings[0]!r}"
@@ -83,3 +97,26 @@ def test_docstring_examples_agree_with_the_reference_setup(name):
         assert rank == "8", f"{name} builds `lora` with r={rank}, the reference's has r=8"
     for lr in re.findall(r"lr=([0-9.e-]+)", source):
         assert 1e-3 <= float(lr) <= 5e-2, f"{name} shows lr={lr}, outside the guide's 1e-3 to 5e-2"
+
+
+def test_notebook_headings_have_no_inline_code():
+    """mkdocs-jupyter lists a notebook's headings without their inline code: "A sweep of `alpha`"
+    read "A sweep of ," in the page's contents, and its link missed the heading's anchor."""
+    found = []
+    for notebook in sorted((ROOT / "examples").rglob("*.ipynb")):
+        for cell in json.loads(notebook.read_text())["cells"]:
+            if cell["cell_type"] == "markdown":
+                found += [f"{notebook.name}: {line}" for line in "".join(cell["source"]).splitlines() if line.startswith("#") and "`" in line]
+    assert not found, f"headings with inline code: {found}"
+
+
+def test_the_readme_and_the_docs_talk_about_the_project_not_its_development():
+    """No commit hashes or issue numbers: benchmarks/reports/ keeps the history, with its sources."""
+    commit = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b")
+    issue = re.compile(r"(?i)\bissue\s*#?\d+|\bthe issue's\b")
+    found = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        text = page.read_text()
+        found += [f"{page.relative_to(ROOT)}: {m.group()}" for pattern in (commit, issue) for m in pattern.finditer(text)]
+    assert not found, f"development history in the README or the docs: {found}"
+    assert commit.search("source f283ae3") and issue.search("issue 16's per-call cuts")  # what the old README had

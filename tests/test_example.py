@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "paris" / "train_paris.py"
 
 
+@pytest.mark.slow
 def test_the_paris_example_completes_with_paris_only_when_adapted():
     result = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "100"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

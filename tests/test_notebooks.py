@@ -123,6 +123,7 @@ def test_notebook_is_committed_without_outputs(path):
         assert not cell.metadata.get("execution"), f"{relative(path)}, cell {number} has timing metadata: {STRIP}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=relative)
 def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     # No MPLBACKEND=Agg here: the kernel's own inline backend is already headless,

@@ -131,6 +131,7 @@ json.dump(results, open(out, "w"))
 """
 
 
+@pytest.mark.slow
 def test_an_adapter_rebuilt_without_the_package_runs_like_a_server(gpt2, model_paths, tmp_path, monkeypatch):
     """Requests from two clients, each rebuilt as its own copy of the package, then a base request."""
     lora = LORA(gpt2.transformer.h[0].mlp, r=4)

@@ -11,7 +11,7 @@ import time
 import nnsight
 import pytest
 import torch
-from conftest import hf_generate, hf_logits, randomize, randomized, reference_hook, reference_hooks
+from conftest import hf_generate, hf_logits, load, randomize, randomized, reference_hook, reference_hooks
 from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
 
 from nnsight_toolbox import LORA
@@ -194,6 +194,45 @@ def test_the_server_really_lacks_the_package(remote_model, monkeypatch):
         with remote_model.trace(PROMPT, remote=True):
             lora()
             remote_model.lm_head.output.save()
+
+
+def test_an_intervention_on_another_models_module_fails_before_sending(remote_model, model_paths, monkeypatch):
+    """The served Llama has no `model.transformer.h.0.mlp`: said here, not by the server."""
+    gpt2 = load(model_paths["gpt2"])
+    lora = LORA(gpt2.transformer.h[0].mlp, r=4)
+    sent = []
+    monkeypatch.setattr(RemoteBackend, "_post", lambda self, *args: sent.append(args))
+    with pytest.raises(ValueError, match=r"^This `LORA` acts on `model.transformer.h.0.mlp` of another model .* has no module at"):
+        with remote_model.trace(PROMPT, remote=True):
+            lora()
+            remote_model.lm_head.output.save()
+    assert sent == []
+
+
+def test_the_server_blames_package_versions_for_another_models_module(remote_model, model_paths, monkeypatch):
+    """What the check above prevents: the server's answer, which points at package versions."""
+    import nnsight_toolbox.remote
+
+    monkeypatch.setattr(nnsight_toolbox.remote, "_check_module_belongs_to_traced_model", lambda obj: None)
+    gpt2 = load(model_paths["gpt2"])
+    lora = LORA(gpt2.transformer.h[0].mlp, r=4)
+    with pytest.raises(RemoteError, match="architecture on this server doesn't match"):
+        with remote_model.trace(PROMPT, remote=True):
+            lora()
+            remote_model.lm_head.output.save()
+
+
+def test_an_intervention_built_on_a_local_copy_of_the_served_model_is_sent(remote_model, local_model):
+    """The same module class and shapes at the same path: the server applies it to its own module."""
+    local_lora = LORA(local_model.get(TARGET), r=4)
+    randomize(local_lora, scale=2.0)
+    with remote_model.trace(PROMPT, remote=True):
+        local_lora()
+        logits = remote_model.lm_head.output.save()
+    with local_model.trace(PROMPT):
+        local_lora()
+        local_logits = local_model.lm_head.output.save()
+    assert torch.allclose(logits, local_logits, atol=1e-5)
 
 
 def last_line(error: BaseException) -> str:
