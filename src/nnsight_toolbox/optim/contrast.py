@@ -83,14 +83,9 @@ def from_contrast(
     pos, neg = read_contrast(modules, positive, negative, positions=positions, batch_size=batch_size, remote=remote, progress=progress)
     vectors = []
     for envoy, p, n in zip(modules, pos, neg):
-        vector = cls(envoy)  # float32 `v` of the module's width, on the module's device
         direction = aggregate_contrast(p, n, method)  # (H,)
-        if direction.shape != vector.v.shape:
-            raise ValueError(
-                f"`{cls.__name__}.from_contrast`: `{envoy.path}` gave readings of width {direction.shape[0]}, "
-                f"but its `{cls.__name__}` has width {vector.v.shape[0]}. Read a module whose output is "
-                f"`(batch, tokens, width)`, such as a decoder layer."
-            )
+        # The width is the readings': no `model.scan` to infer it (a fake forward per vector).
+        vector = cls(envoy, output_dim=direction.shape[0])  # float32 `v`, on the module's device
         with torch.no_grad():
             vector.v.copy_(direction.to(vector.v.device, vector.v.dtype))
         # Provenance, saved by the unified format (JSON values only).
