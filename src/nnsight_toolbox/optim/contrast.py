@@ -110,8 +110,8 @@ def read_contrast(
     its second), whatever side the tokenizer pads on. The prompts are read
     ``batch_size`` at a time, positives and negatives in the same batches, in
     one trace (one forward pass) per batch for all the modules at once; the
-    batch size changes nothing but speed and memory. ``remote=True`` runs each
-    trace on the model's NDIF server and brings back only these readings.
+    batch size changes nothing but speed and memory. With ``remote`` set, each
+    trace runs on the model's NDIF server and brings back only these readings.
 
     Args:
         modules: One Envoy or a list of them, all of one model; each output must be
@@ -120,7 +120,7 @@ def read_contrast(
         negative: The negative prompts, as many as ``positive``, in the same order.
         positions: Which real token of each prompt to read; ``-1`` is the last.
         batch_size: Prompts per forward pass.
-        remote: Run the traces on NDIF, as ``model.trace(..., remote=True)`` does.
+        remote: Run the traces on NDIF, as a remote ``model.trace`` does.
         progress: Show a progress bar (``tqdm.auto``); ``None``: when there is more than one batch.
 
     Returns:

@@ -99,7 +99,7 @@ class SteeringVector(ModuleIntervention):
             positions: The real token of each prompt to read (an int; ``-1`` the last).
             method: ``"mean"``, ``"pca"``, ``"pca_diff"`` or ``"pca_center"``.
             batch_size: Prompts per forward pass; it changes nothing but speed and memory.
-            remote: Read on the model's NDIF server, as ``model.trace(..., remote=True)`` does;
+            remote: Read on the model's NDIF server, as a remote ``model.trace`` does;
                 only the readings come back.
             progress: A progress bar; ``None``: when the prompts take more than one batch.
 
