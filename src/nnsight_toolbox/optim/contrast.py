@@ -309,9 +309,10 @@ def _pad(ids: list[torch.Tensor], positions: int, side: str, pad_id: int) -> tup
 def _token_ids(model: Any, prompts: list[str]) -> list[torch.Tensor]:
     """Each prompt's token ids ``(L,)``, as ``model.trace(prompt)`` tokenizes it.
 
-    A `TransformersModel` tokenizes text through its pipeline's ``preprocess``
-    (for text generation: no special tokens added); the same call is made here,
-    so a reading is the one a trace of the prompt alone gives.
+    A `TransformersModel` tokenizes text through its pipeline's ``preprocess``,
+    with no options (so with the tokenizer's defaults, special tokens
+    included); the same call is made here, so a reading is the one a trace of
+    the prompt alone gives.
     """
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
