@@ -241,6 +241,17 @@ def test_a_progress_bar_shows_on_long_lists_only(gpt2, capsys):
     assert "Reading" not in capsys.readouterr().err
 
 
+def test_a_bfloat16_model_gives_a_float32_vector_of_its_readings(tmp_path):
+    model = load_tiny_model("gpt2", tmp_path / "bf16", layers=2, dtype=torch.bfloat16, initializer_range=0.2)
+    vector = SteeringVector.from_contrast(model.transformer.h[1], POSITIVE, NEGATIVE, batch_size=5)
+    assert vector.v.dtype == torch.float32
+    expected = torch.stack(
+        [reading_alone(model, model.transformer.h[1], p, -1) - reading_alone(model, model.transformer.h[1], n, -1) for p, n in PAIRS]
+    ).mean(0)
+    # bf16 readings (8 bits of mantissa) differ between a padded batch and a lone run by rounding only.
+    torch.testing.assert_close(vector.v.detach(), expected, atol=1e-2, rtol=1e-2)  # entries up to ~1.4; seen 3e-3 apart
+
+
 # -- applying as CAA does -------------------------------------------------------------
 
 
