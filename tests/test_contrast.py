@@ -232,6 +232,18 @@ def test_many_layers_in_one_pass_cost_the_forward_passes_of_one(gpt2):
         torch.testing.assert_close(vector.v.detach(), expected, atol=1e-5, rtol=1e-4)
 
 
+def test_a_model_left_in_training_mode_reads_without_dropout_and_stays_in_training_mode(tmp_path):
+    model = load_tiny_model("gpt2", tmp_path / "dropout", layers=2, initializer_range=0.2, resid_pdrop=0.5, embd_pdrop=0.5)
+    expected = SteeringVector.from_contrast(model.transformer.h[1], POSITIVE, NEGATIVE).v.detach()  # loaded in eval mode
+    model._module.train()
+    with torch.no_grad(), model.trace(POSITIVE[0]):
+        noisy = model.transformer.h[1].output[0, -1].save()
+    assert (noisy - reading_alone(model, model.transformer.h[1], POSITIVE[0], -1)).abs().max() > 1e-2  # dropout does act
+    for _ in range(2):
+        torch.testing.assert_close(SteeringVector.from_contrast(model.transformer.h[1], POSITIVE, NEGATIVE).v.detach(), expected)
+    assert model._module.training and model._module.transformer.h[1].attn.resid_dropout.training
+
+
 def test_a_progress_bar_shows_on_long_lists_only(gpt2, capsys):
     read_contrast(gpt2.transformer.h[0], POSITIVE, NEGATIVE, batch_size=64)
     assert "Reading" not in capsys.readouterr().err

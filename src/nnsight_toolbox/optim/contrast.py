@@ -25,8 +25,9 @@ nnsight derives left-padded rows' position ids from it.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -110,7 +111,8 @@ def read_contrast(
     its second), whatever side the tokenizer pads on. The prompts are read
     ``batch_size`` at a time, positives and negatives in the same batches, in
     one trace (one forward pass) per batch for all the modules at once; the
-    batch size changes nothing but speed and memory. With ``remote`` set, each
+    batch size changes nothing but speed and memory. A local model reads in
+    eval mode (no dropout), its modes restored after. With ``remote`` set, each
     trace runs on the model's NDIF server and brings back only these readings.
 
     Args:
@@ -154,11 +156,12 @@ def read_contrast(
         starts = tqdm(starts, desc=f"Reading {len(prompts)} prompts", unit="batch", total=math.ceil(len(prompts) / batch_size))
 
     per_module: list[list[torch.Tensor]] = [[] for _ in modules]
-    for start in starts:
-        chunk = range(start, min(start + batch_size, len(prompts)))
-        input_ids, attention_mask, columns = _pad([ids[i] for i in chunk], positions, side, pad_id)
-        for found, reading in zip(per_module, _read_batch(model, modules, input_ids, attention_mask, columns, remote)):
-            found.append(reading)
+    with _evaluating(model, remote):
+        for start in starts:
+            chunk = range(start, min(start + batch_size, len(prompts)))
+            input_ids, attention_mask, columns = _pad([ids[i] for i in chunk], positions, side, pad_id)
+            for found, reading in zip(per_module, _read_batch(model, modules, input_ids, attention_mask, columns, remote)):
+                found.append(reading)
     readings = [torch.cat(found) for found in per_module]  # (2N, H) per module
     n = len(positive)
     return [r[:n] for r in readings], [r[n:] for r in readings]
@@ -281,6 +284,27 @@ def _read_batch(
                     )
                 readings[i] = output[rows.to(output.device), columns.to(output.device)].detach().float().cpu()  # (B, H)
     return list(readings)
+
+
+@contextlib.contextmanager
+def _evaluating(model: Any, remote: bool) -> Iterator[None]:
+    """The local model in eval mode for the reads, its modes restored after.
+
+    A model left in training mode (after training a LoRA on it, say) would
+    read through dropout: readings that change from run to run, and with the
+    batch. A remote model runs the server's copy, which serves in eval mode.
+    """
+    module = getattr(model, "_module", None)
+    if remote or not isinstance(module, torch.nn.Module) or not any(m.training for m in module.modules()):
+        yield
+        return
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def _saved(value: Any) -> Any:
