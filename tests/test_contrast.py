@@ -170,6 +170,15 @@ def test_the_two_sign_rules_disagree_and_each_method_keeps_its_own(repeng_extrac
     torch.testing.assert_close(aggregate_contrast(positive, negative, "pca_diff"), rp, atol=1e-6, rtol=1e-5)
 
 
+def test_a_tied_vote_keeps_the_sign_repeng_keeps(repeng_extract, monkeypatch):
+    """Two pairs voting opposite ways: repeng leaves scikit-learn's sign (largest entry positive), and so must we."""
+    negative = torch.zeros(2, 3)
+    for positive in (torch.tensor([[3.0, 0.0, 0.1], [-1.0, 0.5, 0.0]]), torch.tensor([[-3.0, 0.0, 0.1], [1.0, 0.5, 0.0]])):
+        for method in ("pca_diff", "pca_center"):
+            expected = torch.from_numpy(repeng_directions(repeng_extract, positive, negative, method, monkeypatch))
+            torch.testing.assert_close(aggregate_contrast(positive, negative, method), expected, atol=1e-6, rtol=1e-5)
+
+
 # -- reading: padding, batches, positions ----------------------------------------------
 
 
