@@ -56,6 +56,7 @@ NOTEBOOK_PAGES = {
     "examples/paris_walkthrough/index.html": ("with LoRA:    &#39; Paris&#39;", "with LoRA:    ' Paris'"),
     "examples/what_the_adapter_learned/index.html": ("the adapted model answers",),
     "examples/compare_interventions/index.html": ("best alpha",),
+    "examples/steering_from_pairs/index.html": ("at alpha=0",),
 }
 
 

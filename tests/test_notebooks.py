@@ -99,8 +99,17 @@ def check_compare(notebook) -> None:
     assert figures(notebook) >= 2
 
 
+def check_contrast(notebook) -> None:
+    """The vectors are read, the sweep's baseline is printed, and the projections and the sweep are drawn
+    (the notebook asserts its own numbers: alpha=0 is the same for every layer, and steering moves the answer)."""
+    text = text_output(notebook)
+    assert "at alpha=0" in text and "model.transformer.h.3: |v| =" in text, text
+    assert figures(notebook) >= 2
+
+
 CHECKS = {
     "examples/compare/compare_interventions.ipynb": check_compare,
+    "examples/contrast/steering_from_pairs.ipynb": check_contrast,
     "examples/paris/paris_walkthrough.ipynb": check_paris,
     "examples/study/what_the_adapter_learned.ipynb": check_study,
 }

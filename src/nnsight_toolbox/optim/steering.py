@@ -8,6 +8,7 @@ role of steering-vectors' ``min_token_index`` and more.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,6 +17,8 @@ from .module_intervention import ModuleIntervention, add_in_dtype
 
 if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
+
+    from .intervention_set import InterventionSet
 
 __all__ = ["SteeringVector"]
 
@@ -60,6 +63,66 @@ class SteeringVector(ModuleIntervention):
         """A zero vector of the module's output width; see the class for the arguments."""
         ModuleIntervention.__init__(self, module, dropout=dropout, dtype=dtype, output_dim=output_dim)
         self.v = torch.nn.Parameter(torch.zeros(self.output_dim, dtype=dtype, device=self._device_hint))
+
+    @classmethod
+    def from_contrast(
+        cls,
+        module: Envoy | Sequence[Envoy],
+        positive: Sequence[str] | Sequence[tuple[str, str]],
+        negative: Sequence[str] | None = None,
+        *,
+        positions: int = -1,
+        method: str = "mean",
+        batch_size: int = 32,
+        remote: bool = False,
+        progress: bool | None = None,
+    ) -> SteeringVector | InterventionSet:
+        """A vector read from contrastive pairs, not trained: CAA, or a principal component of the differences.
+
+        Reads the module's output at ``positions`` of each positive and negative
+        prompt (``-1``: each prompt's own last real token, whatever the padding),
+        ``batch_size`` prompts per forward pass, and aggregates the pairs
+        (`nnsight_toolbox.optim.contrast.aggregate_contrast`):
+
+        - ``"mean"``: ``mean(positive - negative)``, CAA's vector (steering-vectors'
+          ``mean_aggregator``), not rescaled;
+        - ``"pca"``: steering-vectors' ``pca_aggregator`` (uncentred, signed by the mean difference);
+        - ``"pca_diff"``, ``"pca_center"``: repeng's ``ControlVector.train`` methods (signed by a vote of the pairs).
+
+        The PCA forms are unit vectors: scale them with ``alpha``. Apply as CAA
+        does with ``vector(alpha=m, positions=slice(n, None))``.
+        ``vector.metadata`` records ``{"method", "positions", "pairs"}``.
+
+        Args:
+            module: The Envoy of the module to read and steer, or a list of them: all are
+                read in the same forward passes, and an `InterventionSet` comes back in the list's order.
+            positive: The positive prompts; or, with ``negative=None``, a list of ``(positive, negative)`` pairs.
+            negative: The negative prompts, as many as ``positive``, pair by pair.
+            positions: The real token of each prompt to read (an int; ``-1`` the last).
+            method: ``"mean"``, ``"pca"``, ``"pca_diff"`` or ``"pca_center"``.
+            batch_size: Prompts per forward pass; it changes nothing but speed and memory.
+            remote: Read on the model's NDIF server, as a remote ``model.trace`` does;
+                only the readings come back.
+            progress: A progress bar; ``None``: when the prompts take more than one batch.
+
+        Returns:
+            A `SteeringVector` (float32 ``v``) on ``module``, or an `InterventionSet` of them for a list.
+
+        Examples:
+            >>> from nnsight_toolbox import SteeringVector
+            >>> vector = SteeringVector.from_contrast(
+            ...     model.transformer.h[1], ["I love it", "Great"], ["I hate it", "Awful"], method="pca")
+            >>> round(vector.v.norm().item(), 4), vector.metadata["pairs"]
+            (1.0, 2)
+            >>> with model.trace("The film was"):
+            ...     vector(alpha=4.0, positions=slice(-1, None))   # CAA: from the last prompt token on
+            ...     logits = model.lm_head.output.save()
+        """
+        from .contrast import from_contrast
+
+        return from_contrast(
+            cls, module, positive, negative, positions=positions, method=method, batch_size=batch_size, remote=remote, progress=progress
+        )
 
     def intervene(self, output: torch.Tensor, x: object, alpha: float) -> torch.Tensor:
         """``output + alpha * dropout(v)``, in ``v``'s dtype, cast back to ``output``'s.
