@@ -370,7 +370,6 @@ def test_the_vector_saves_and_loads_bit_for_bit(gpt2, tmp_path):
     assert vector.metadata == {"method": "pca_center", "positions": -1, "pairs": len(POSITIVE)}
 
 
-@pytest.mark.xfail(reason="needs the unified format's metadata", strict=False)
 def test_the_metadata_round_trips(gpt2, tmp_path):
     vector = SteeringVector.from_contrast(gpt2.transformer.h[1], POSITIVE, NEGATIVE, positions=-2, method="pca")
     vector.save(tmp_path / "v")
