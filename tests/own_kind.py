@@ -11,7 +11,7 @@ import torch
 from nnsight_toolbox import ModuleIntervention
 
 
-class ChannelScale(ModuleIntervention):
+class PerChannelScale(ModuleIntervention):
     """``h * (1 + alpha * s)``, with ``s`` one trainable number per channel, starting at 0."""
 
     def __init__(self, module, *, dtype=torch.float32, output_dim=None):

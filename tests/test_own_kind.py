@@ -1,6 +1,6 @@
 """A kind defined outside the package works end to end with no change to the package.
 
-`own_kind.ChannelScale` (``h * (1 + alpha * s)``) is compared with a plain torch
+`own_kind.PerChannelScale` (``h * (1 + alpha * s)``) is compared with a plain torch
 forward hook that computes the same scale on the raw module, on the rows and
 tokens it should act on: per-invoke rows, ``positions=``, generation and gradients.
 Then it saves and loads alone, and inside an `InterventionSet` beside `LORA`,
@@ -14,7 +14,7 @@ import contextlib
 import pytest
 import torch
 from conftest import hf_generate, hf_logits, randomize
-from own_kind import ChannelScale
+from own_kind import PerChannelScale
 
 from nnsight_toolbox import DoRA, InterventionSet, LORA, ModuleCopy, ModuleIntervention
 from nnsight_toolbox.optim.kinds import KINDS
@@ -24,7 +24,7 @@ PROMPTS = ["The Eiffel Tower is in", "Hi"]
 
 
 def trained(gpt2, seed=0):
-    scale = ChannelScale(gpt2.get(LAYER))
+    scale = PerChannelScale(gpt2.get(LAYER))
     with torch.no_grad():
         scale.s.copy_(torch.randn(scale.s.shape, generator=torch.Generator().manual_seed(seed)))
     return scale
@@ -55,8 +55,8 @@ def scale_hook(gpt2, s, alpha=1.0, rows=None, tokens=None):
 
 
 def test_defining_it_registered_it():
-    assert KINDS["ChannelScale"] is ChannelScale
-    assert ChannelScale.call_name == "ChannelScale()"
+    assert KINDS["PerChannelScale"] is PerChannelScale
+    assert PerChannelScale.call_name == "PerChannelScale()"
 
 
 def test_it_acts_on_its_invokes_rows_only(gpt2):
@@ -112,12 +112,12 @@ def test_it_saves_and_loads_alone_bit_for_bit(gpt2, tmp_path):
     scale.metadata["note"] = "a scale"
     scale.eval()
     scale.save(tmp_path / "scale")
-    back = ChannelScale.load(tmp_path / "scale", gpt2.get("transformer.h.1"))
-    assert type(back) is ChannelScale and back.path == "model.transformer.h.1" and not back.training
+    back = PerChannelScale.load(tmp_path / "scale", gpt2.get("transformer.h.1"))
+    assert type(back) is PerChannelScale and back.path == "model.transformer.h.1" and not back.training
     assert torch.equal(back.s, scale.s) and back.metadata == {"note": "a scale"}
     assert back.config() == {"dtype": "float32", "output_dim": 32}
     any_kind = ModuleIntervention.load(tmp_path / "scale", gpt2.get(LAYER))
-    assert type(any_kind) is ChannelScale
+    assert type(any_kind) is PerChannelScale
 
 
 def test_it_saves_and_loads_in_a_set_with_the_packages_kinds(gpt2, tmp_path):
@@ -134,7 +134,7 @@ def test_it_saves_and_loads_in_a_set_with_the_packages_kinds(gpt2, tmp_path):
     mix = InterventionSet([scale, lora, dora, copy])
     mix.save(tmp_path / "mix")
     back = InterventionSet.load(tmp_path / "mix", gpt2)
-    assert [type(m) for m in back] == [ChannelScale, LORA, DoRA, ModuleCopy]
+    assert [type(m) for m in back] == [PerChannelScale, LORA, DoRA, ModuleCopy]
     for key, value in mix.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
     with gpt2.trace(PROMPTS[0]):
@@ -149,7 +149,7 @@ def test_it_saves_and_loads_in_a_set_with_the_packages_kinds(gpt2, tmp_path):
 def test_a_kind_defined_again_replaces_the_old_one_for_loading(gpt2, tmp_path):
     trained(gpt2).save(tmp_path / "scale")
 
-    class ChannelScale(ModuleIntervention):  # the same name: a notebook cell run again
+    class PerChannelScale(ModuleIntervention):  # the same name: a notebook cell run again
         def __init__(self, module, *, dtype=torch.float32, output_dim=None):
             ModuleIntervention.__init__(self, module, dtype=dtype, output_dim=output_dim)
             self.s = torch.nn.Parameter(torch.zeros(self.output_dim, dtype=dtype))
@@ -158,11 +158,11 @@ def test_a_kind_defined_again_replaces_the_old_one_for_loading(gpt2, tmp_path):
             return output * (1 + alpha * self.s)
 
     try:
-        assert type(ModuleIntervention.load(tmp_path / "scale", gpt2.get(LAYER))) is ChannelScale
+        assert type(ModuleIntervention.load(tmp_path / "scale", gpt2.get(LAYER))) is PerChannelScale
     finally:
         import own_kind
 
-        KINDS["ChannelScale"] = own_kind.ChannelScale  # the module's class again, for the other tests
+        KINDS["PerChannelScale"] = own_kind.PerChannelScale  # the module's class again, for the other tests
 
 
 def test_a_kind_whose_config_cannot_be_read_says_how_to_fix_it(gpt2, tmp_path):

@@ -67,7 +67,7 @@ def test_no_zero_argument_super_in_the_package():
 
 #: Methods that run only on the client (building, saving, merging), where a
 #: function-level relative import is fine and avoids an import cycle.
-CLIENT_ONLY = {"__init__", "on", "save", "load", "merge", "unmerge"}
+CLIENT_ONLY = {"__init__", "on", "save", "load", "merge", "unmerge", "from_contrast"}
 
 
 def test_no_relative_import_inside_code_that_runs_in_a_trace():

@@ -11,7 +11,7 @@ import own_kind
 import pytest
 import torch
 from conftest import hf_logits
-from own_kind import ChannelScale
+from own_kind import PerChannelScale
 
 pytestmark = pytest.mark.remote
 
@@ -21,10 +21,10 @@ LAYER = "model.layers.0"
 
 def test_a_users_kind_gives_the_same_logits_remotely_as_locally(remote_model, local_model):
     nnsight.register(own_kind)  # a module of the user's own: ship it by value, as the package is
-    remote = ChannelScale(remote_model.get(LAYER))
+    remote = PerChannelScale(remote_model.get(LAYER))
     with torch.no_grad():
         remote.s.copy_(torch.randn(remote.s.shape, generator=torch.Generator().manual_seed(0)))
-    local = ChannelScale(local_model.get(LAYER))
+    local = PerChannelScale(local_model.get(LAYER))
     local.load_state_dict(remote.state_dict())
 
     with remote_model.trace(PROMPT, remote=True):

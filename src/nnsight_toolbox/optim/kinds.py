@@ -17,8 +17,21 @@ from __future__ import annotations
 
 __all__ = ["KINDS", "register", "kind_named"]
 
+class _Registry(dict):
+    """A dict that pickles empty.
+
+    A remote request ships this package by value, and with it every global its
+    functions name: the registry would carry every kind defined on the client,
+    whatever the request uses. The server's registry fills as it rebuilds the
+    classes the request does use.
+    """
+
+    def __reduce__(self) -> tuple:
+        return (_Registry, ())
+
+
 #: Class name -> the newest class of that name.
-KINDS: dict[str, type] = {}
+KINDS: dict[str, type] = _Registry()
 
 
 def register(cls: type) -> None:
