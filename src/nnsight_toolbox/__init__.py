@@ -15,7 +15,21 @@ import sys
 import nnsight
 
 from .artifacts import export_peft, import_peft
-from .optim import LORA, DiReFT, DoRA, InterventionSet, LoraSet, LoReFT, ModuleCopy, Optimization, SoftPrompt, SteeringVector
+from .optim import (
+    LORA,
+    BoundlessRotatedSpace,
+    DiReFT,
+    DoRA,
+    InterventionSet,
+    LoraSet,
+    LoReFT,
+    ModuleCopy,
+    Optimization,
+    RotatedSpace,
+    SigmoidMaskRotatedSpace,
+    SoftPrompt,
+    SteeringVector,
+)
 
 __version__ = "0.1.0"
 
@@ -30,6 +44,9 @@ __all__ = [
     "LoReFT",
     "DiReFT",
     "InterventionSet",
+    "RotatedSpace",
+    "BoundlessRotatedSpace",
+    "SigmoidMaskRotatedSpace",
     "export_peft",
     "import_peft",
     "__version__",
@@ -43,12 +60,13 @@ def _readable_signatures() -> None:
     from . import _signatures
     from .optim.targets import Layers, Targets
 
-    classes = [LORA, DoRA, ModuleCopy, LoraSet, Optimization, SteeringVector, SoftPrompt, LoReFT, DiReFT, InterventionSet]
+    classes = [LORA, DoRA, ModuleCopy, LoraSet, Optimization, SteeringVector, SoftPrompt, LoReFT, DiReFT, InterventionSet, RotatedSpace, BoundlessRotatedSpace, SigmoidMaskRotatedSpace]
     names = {"Envoy": Envoy, "Targets": Targets, "Layers": Layers, **{cls.__name__: cls for cls in classes}}
+    from .optim.das import RotationBase
     from .optim.loreft import ReftBase
     from .optim.module_intervention import ModuleIntervention
 
-    _signatures.resolve([*classes, ModuleIntervention, ReftBase, export_peft, import_peft], names)
+    _signatures.resolve([*classes, ModuleIntervention, ReftBase, RotationBase, export_peft, import_peft], names)
 
 
 _readable_signatures()

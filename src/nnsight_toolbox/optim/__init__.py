@@ -1,10 +1,11 @@
-"""Trainable interventions: `Optimization`, `LORA`, `LoraSet`, `SteeringVector`, `SoftPrompt`, `LoReFT`, `DiReFT` and `InterventionSet`.
+"""Trainable interventions: `Optimization`, `LORA`, `LoraSet`, `SteeringVector`, `SoftPrompt`, `LoReFT`, `DiReFT`, `InterventionSet` and the DAS swaps (`RotatedSpace`, `BoundlessRotatedSpace`, `SigmoidMaskRotatedSpace`).
 
 Examples:
     >>> from nnsight_toolbox.optim import LORA, LoraSet, Optimization, SteeringVector, LoReFT
 """
 
 from .adapter_set import LoraSet
+from .das import BoundlessRotatedSpace, RotatedSpace, SigmoidMaskRotatedSpace
 from .direft import DiReFT
 from .dora import DoRA
 from .intervention_set import InterventionSet
@@ -15,4 +16,4 @@ from .optimization import Optimization
 from .soft_prompt import SoftPrompt
 from .steering import SteeringVector
 
-__all__ = ["LORA", "LoraSet", "DoRA", "ModuleCopy", "Optimization", "SteeringVector", "SoftPrompt", "LoReFT", "DiReFT", "InterventionSet"]
+__all__ = ["LORA", "LoraSet", "DoRA", "ModuleCopy", "Optimization", "SteeringVector", "SoftPrompt", "LoReFT", "DiReFT", "InterventionSet", "RotatedSpace", "BoundlessRotatedSpace", "SigmoidMaskRotatedSpace"]
