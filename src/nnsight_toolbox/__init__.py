@@ -15,6 +15,7 @@ import sys
 import nnsight
 
 from .artifacts import export_peft, import_peft
+from .batched import BatchedNNsight
 from .optim import (
     LORA,
     BoundlessRotatedSpace,
@@ -47,6 +48,7 @@ __all__ = [
     "RotatedSpace",
     "BoundlessRotatedSpace",
     "SigmoidMaskRotatedSpace",
+    "BatchedNNsight",
     "export_peft",
     "import_peft",
     "__version__",
