@@ -167,6 +167,31 @@ def test_base_before_source_and_a_third_untouched_invoke(gpt2):
     torch.testing.assert_close(other, plain[:1], atol=1e-5, rtol=1e-5)
 
 
+def test_two_pairs_in_one_batch_each_swap_their_own_rows(gpt2):
+    """One intervention, two source/base pairs in one batch: each base pairs with its own source."""
+    das = randomized_rotation(RotatedSpace(gpt2.transformer.h[1], k=8))
+    s1, b1, s2, b2 = ["ab", "cdef"], ["ghi", "jk"], ["lmnop"], ["qr", "stuvw"]
+    with gpt2.trace() as tracer:
+        with tracer.invoke(s1):
+            first = das.source(positions=-1)
+        with tracer.invoke(b1):
+            das(first, positions=-1)
+            a = gpt2.lm_head.output.save()
+        with tracer.invoke(s2):
+            second = das.source(positions=0)
+        with tracer.invoke(b2):
+            das(second, positions=-1)
+            b = gpt2.lm_head.output.save()
+    prompts = s1 + b1 + s2 + b2
+    with torch.no_grad():
+        _, mask = hf_logits_with(gpt2, prompts)
+        pairs = [(b_row, real_columns(mask, b_row, [-1]), s_row, real_columns(mask, s_row, [p])) for b_row, s_row, p in [(2, 0, -1), (3, 1, -1), (5, 4, 0), (6, 4, 0)]]
+        with pair_hook(gpt2, mask, pairs, swap_formula(das.R, 8)):
+            expected, _ = hf_logits_with(gpt2, prompts)
+    torch.testing.assert_close(a, expected[2:4], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b, expected[5:7], atol=1e-5, rtol=1e-5)
+
+
 def test_a_saved_source_tensor_from_an_earlier_trace(gpt2):
     das = randomized_rotation(RotatedSpace(gpt2.transformer.h[1], k=8))
     with gpt2.trace(SOURCE[:1]):
@@ -548,3 +573,18 @@ def test_temperature_is_a_positive_float(gpt2):
     with pytest.raises(ValueError, match="finite positive"):
         das.temperature = 0
     assert das.temperature == 50.0
+
+
+def test_gradients_reach_a_source_tensor_and_the_rotation(gpt2):
+    das = randomized_rotation(RotatedSpace(gpt2.transformer.h[1], k=8))
+    source = torch.randn(1, 1, D, requires_grad=True)
+    with gpt2.trace(BASE):
+        das(source, positions=-1)
+        logits = gpt2.lm_head.output.save()
+    logits[:, -1].logsumexp(-1).sum().backward()
+    assert source.grad is not None and source.grad.abs().sum() > 0
+    assert das.rotate_layer.generator.grad.abs().sum() > 0
+    # Only the k=8 rotated coordinates of the source reach the model: the gradient lies in R_k's row space.
+    R = das.R.detach()
+    grad = source.grad.flatten()
+    torch.testing.assert_close((grad @ R.T)[8:], torch.zeros(D - 8), atol=1e-6, rtol=0)

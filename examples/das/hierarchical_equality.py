@@ -156,7 +156,7 @@ def run(seed: int, examples: int = 524_288, mlp_epochs: int = 10, das_pairs: int
     das_iia = iia(model, das, test_pairs)
 
     search = tuple(t[:2_000] for t in train_pairs)
-    neuron_iia, subset = best_neuron_swap(net, search, k)  # chosen on training pairs
+    _, subset = best_neuron_swap(net, search, k)  # chosen on training pairs
     neuron_test_iia = iia(model, permutation_rotation(model, subset, k), test_pairs)  # scored on held-out ones
     return {
         "seed": seed,
