@@ -16,7 +16,23 @@ import nnsight
 
 from ._version import __version__
 from .artifacts import export_peft, import_peft
-from .optim import LORA, DiReFT, DoRA, InterventionSet, LoraSet, LoReFT, ModuleCopy, ModuleIntervention, Optimization, SoftPrompt, SteeringVector
+from .batched import BatchedNNsight
+from .optim import (
+    LORA,
+    BoundlessRotatedSpace,
+    DiReFT,
+    DoRA,
+    InterventionSet,
+    LoraSet,
+    LoReFT,
+    ModuleCopy,
+    ModuleIntervention,
+    Optimization,
+    RotatedSpace,
+    SigmoidMaskRotatedSpace,
+    SoftPrompt,
+    SteeringVector,
+)
 
 __all__ = [
     "LORA",
@@ -30,6 +46,10 @@ __all__ = [
     "LoReFT",
     "DiReFT",
     "InterventionSet",
+    "RotatedSpace",
+    "BoundlessRotatedSpace",
+    "SigmoidMaskRotatedSpace",
+    "BatchedNNsight",
     "export_peft",
     "import_peft",
     "__version__",

@@ -1,10 +1,11 @@
-"""Trainable interventions: the base `ModuleIntervention`, its kinds, and the collections `InterventionSet` and `LoraSet`.
+"""Trainable interventions: the base `ModuleIntervention`, its kinds (the DAS swaps `RotatedSpace`, `BoundlessRotatedSpace`, `SigmoidMaskRotatedSpace` too), and the collections `InterventionSet` and `LoraSet`.
 
 Examples:
     >>> from nnsight_toolbox.optim import LORA, LoraSet, ModuleIntervention, SteeringVector, LoReFT
 """
 
 from .adapter_set import LoraSet
+from .das import BoundlessRotatedSpace, RotatedSpace, SigmoidMaskRotatedSpace
 from .direft import DiReFT
 from .dora import DoRA
 from .intervention_set import InterventionSet
@@ -28,4 +29,7 @@ __all__ = [
     "LoReFT",
     "DiReFT",
     "InterventionSet",
+    "RotatedSpace",
+    "BoundlessRotatedSpace",
+    "SigmoidMaskRotatedSpace",
 ]

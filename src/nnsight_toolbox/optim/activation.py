@@ -47,7 +47,7 @@ from nnsight.intervention.source import NO_SKIP, Controller, _as_fragment, run_b
 from nnsight.intervention.util import first_input
 
 from .dims import first_tensor
-from .positions import PYTHON_MASK_TOKENS, PositionSpec, column_positions, position_mask, python_columns, python_mask
+from .positions import PYTHON_MASK_TOKENS, PositionSpec, column_positions, normalize_positions, position_mask, python_columns, python_mask
 from .rows import NOTE, layout_error, note_lengths, pass_lengths, prompt_shape, row_span
 from .standby import STANDBY, Standby
 
@@ -76,7 +76,7 @@ class Activation:
     worker when the run ends (`Interleaver.cancel`).
     """
 
-    __slots__ = ("_adapter", "alpha", "steps", "last_pass", "finished", "positions", "rows", "plain", "mediator", "worker", "root_input", "calls", "calls_pass")
+    __slots__ = ("_adapter", "alpha", "steps", "last_pass", "finished", "positions", "rows", "plain", "mediator", "worker", "root_input", "calls", "calls_pass", "source")
 
     def __init__(
         self, adapter: Any, alpha: float, steps: Any, mediator: "Mediator", root_input: str, positions: PositionSpec | None = None, rows: list | None = None
@@ -88,6 +88,7 @@ class Activation:
         # The invoke's rows [start, size] of the run's batch, None for all of it: fixed for the
         # run, since nnsight batches every invoke before the model runs.
         self.rows = rows
+        self.source = None  # a swap's source (`SwapSource` or a tensor), set by `activate_swap`; None for every other kind
         self.update(alpha, steps, positions)
         self.mediator = weakref.ref(mediator)
         self.worker = weakref.ref(worker)
@@ -101,7 +102,8 @@ class Activation:
         self.last_pass = last_pass(steps)  # None: no last one
         self.finished = False  # every chosen pass is behind (see `acts_on_this_pass`)
         self.positions = positions  # None (every token) or the tokens of each row to act on
-        self.plain = self.rows is None and positions is None  # the whole batch, every token: nothing to narrow
+        # The whole batch, every token, no source to pair: nothing to narrow.
+        self.plain = self.rows is None and positions is None and self.source is None
 
     @property
     def adapter(self) -> Any:
@@ -298,6 +300,10 @@ def add_deltas(
         if activation.plain:
             adapted = adapter.intervene(adapted, x, alpha)
             cloned = False  # a fresh tensor now, which a formula's backward may keep: clone before writing rows into it
+            continue
+        if activation.source is not None:  # a swap (`RotatedSpace`): pairs these rows with the source's (see `swap_in`)
+            adapted = swap_in(activation, adapter, adapted, target, batcher, controller)
+            cloned = False  # `swap_in` returns a fresh tensor
             continue
         start, size = rows if rows is not None else (0, batcher.total)
         chosen = True if spec is None else _chosen_tokens(spec, start, size, target.device, batcher, controller)
@@ -723,3 +729,223 @@ def _passes_begun(mediator: "Mediator", root_input: str) -> int:
     passes = mediator.occurrence(root_input)
     root_output = root_input[: -len(".input")] + ".output"
     return passes if passes > mediator.occurrence(root_output) else 0
+
+
+# ---------------------------------------------------------------------------
+# Swaps: a source's values paired into a base's rows and tokens (`RotatedSpace`)
+# ---------------------------------------------------------------------------
+#
+# Distributed alignment search runs a *source* and a *base* through the model
+# and swaps part of the source's representation into the base's. In nnsight
+# both are invokes of one batch, so the adapted module's controller sees their
+# rows in one output: `read_source` (in the source's invoke) records which rows
+# and tokens to read, `activate_swap` (in the base's) switches the swap on with
+# that record as the activation's ``source``, and `swap_in` pairs them at every
+# chosen pass. Only activations that have a source take this path: the other
+# kinds keep theirs, and pay nothing for it but a switch-on's one attribute.
+
+#: ``positions=None`` on a module with a token axis: every real token of each row.
+EVERY_TOKEN = normalize_positions(slice(None))
+
+
+class SwapSource:
+    """Which rows and tokens of a module's output one invoke offers as a swap's source (`RotatedSpace.source`).
+
+    Holds the run's batcher weakly: it identifies the run, and a record must
+    not keep a finished run alive. The values themselves are read at each
+    forward pass, from the module's own output on these rows before any
+    intervention on that module applies, so gradients flow back into the
+    source's run as well.
+    """
+
+    __slots__ = ("path", "rows", "positions", "batcher", "what")
+
+    def __init__(self, path: str, rows: list | None, positions: PositionSpec | None, batcher: Any, what: str) -> None:
+        self.path = path  # the module whose output is read
+        self.rows = rows  # [start, size] of the run's batch, None: all of it
+        self.positions = positions  # None: every real token (or the whole row, on a module with no token axis)
+        self.batcher = weakref.ref(batcher) if batcher is not None else None
+        self.what = what
+
+    def __repr__(self) -> str:
+        rows = "every row" if self.rows is None else f"rows {self.rows[0]}..{self.rows[0] + self.rows[1] - 1}"
+        where = "" if self.positions is None else f", positions={self.positions.text}"
+        return f"SwapSource({self.path}, {rows}{where})"
+
+
+def read_source(envoy: "Envoy", positions: PositionSpec | None, what: str) -> SwapSource:
+    """The `SwapSource` of the running invoke's rows and ``positions`` on ``envoy``'s module."""
+    mediator = current_mediator(what)
+    interleaver = mediator.interleaver
+    if envoy.interleaver is not interleaver:
+        raise RuntimeError(
+            f"`{what}` was called inside a trace of a different model than the one its module "
+            f"`{envoy.path}` belongs to. Build the intervention on a module of the model you are tracing."
+        )
+    batcher = interleaver.batcher
+    rows = mediator.batch_group if batcher is not None and batcher.batching else None
+    if positions is not None:
+        root_input = f"{envoy.path.split('.', 1)[0]}.input"
+        _check_positions_can_be_known(positions, envoy, interleaver, mediator, root_input, what)
+    _note_lengths_of_run(envoy, interleaver)  # real tokens and layouts are told apart from the run's lengths
+    return SwapSource(envoy.path, rows, positions, batcher, what)
+
+
+def activate_swap(adapter: Any, envoy: "Envoy", alpha: float, steps: Any, what: str, positions: PositionSpec | None, source: Any) -> None:
+    """Switch ``adapter``'s swap on for the running invoke: ``source`` (a `SwapSource` or a tensor) into its rows and ``positions``."""
+    mediator = current_mediator(what)
+    interleaver = mediator.interleaver
+    batcher = interleaver.batcher
+    rows = mediator.batch_group if batcher is not None and batcher.batching else None
+    if isinstance(source, SwapSource):
+        _check_source_pairs(source, envoy, rows, batcher, what)
+    activate_many([(adapter, envoy, positions)], alpha, steps, what, stacklevel=7)
+    _note_lengths_of_run(envoy, interleaver)
+    controller = _adapter_controller(envoy)
+    for activation in controller.activations:
+        if activation.adapter is adapter and activation.live_mediator(interleaver) is mediator:
+            activation.source = source
+            activation.plain = False  # a swap always pairs rows: never `add_deltas`' plain branch
+            return
+    raise RuntimeError(f"`{what}`: the swap on `{envoy.path}` was not switched on; this is a bug in nnsight-toolbox.")
+
+
+def _check_source_pairs(source: SwapSource, envoy: "Envoy", rows: list | None, batcher: Any, what: str) -> None:
+    """A `SwapSource` must come from this run and this module, with one row or as many rows as the base."""
+    if source.path != envoy.path:
+        raise ValueError(
+            f"`{what}` on `{envoy.path}` was given a source read on `{source.path}` "
+            f"(`{source.what}`). A swap pairs values of one module's output: read the source with "
+            f"the `.source()` of an intervention on `{envoy.path}`, or pass a tensor."
+        )
+    if source.batcher is None or source.batcher() is not batcher:
+        raise ValueError(
+            f"`{what}` was given a source read in another trace (`{source.what}`). A source "
+            f"handle pairs rows of one batch: read it in an invoke of this trace, or save the "
+            f"values there (`module.output[...].save()`) and pass that tensor."
+        )
+    total = batcher.total if batcher is not None else None
+    base_size = rows[1] if rows is not None else total
+    source_size = source.rows[1] if source.rows is not None else total
+    if source_size != 1 and source_size != base_size:
+        raise ValueError(
+            f"`{what}` on `{envoy.path}`: the source invoke has {source_size} rows and this one "
+            f"{base_size}. Row i of the base pairs with row i of the source, and a one-row source "
+            f"goes to every base row: give both invokes as many prompts, or the source one."
+        )
+
+
+def swap_in(
+    activation: Activation, adapter: Any, adapted: torch.Tensor, target: torch.Tensor, batcher: Any, controller: AdapterController
+) -> torch.Tensor:
+    """``adapted`` with ``adapter.swap(base, source, alpha)`` written into the base's rows and tokens of this pass.
+
+    ``target`` is the module's own output (before any intervention on it): the
+    source is read from it. On a module with a token axis ``(B, T, d)``, each
+    row's chosen tokens are gathered in token order, ``(rows, n, d)``; the
+    source's count must equal the base's or be 1 (then it goes to every base
+    token). On a module without one ``(B, d)`` a row is one value.
+    """
+    source, alpha = activation.source, activation.alpha
+    total = batcher.total
+    start, size = activation.rows if activation.rows is not None else (0, total)
+    notes = batcher.__dict__.get(NOTE) or {}
+    current = notes.get("pass")
+    path = controller.path
+    if target.dim() >= 3 and target.shape[0] == total and current is not None and target.shape[1] == current[1]:
+        return _swap_tokens(activation, adapter, adapted, target, source, alpha, start, size, batcher, controller)
+    if target.dim() == 2 and target.shape[0] == total:
+        for spec, whose in ((activation.positions, "base"), (getattr(source, "positions", None), "source")):
+            if spec is not None:
+                raise ValueError(
+                    f"`positions={spec.text}` for the {whose} of the swap on `{path}`: its output "
+                    f"{tuple(target.shape)} is (rows, features), with no token axis to choose from. "
+                    f"Drop `positions=` on both `.source()` and the swap: they then act on whole rows."
+                )
+        base = adapted.narrow(0, start, size)  # (size, d)
+        if isinstance(source, SwapSource):
+            s_start, s_size = source.rows if source.rows is not None else (0, total)
+            values = target.narrow(0, s_start, s_size)  # (s_size, d)
+        else:
+            values = _source_tensor(source, (size, target.shape[-1]), path, "(rows, d)", target)
+        changed = adapter.swap(base, values.expand_as(base), alpha)
+        if size == total:
+            return changed
+        return torch.cat([adapted.narrow(0, 0, start), changed, adapted.narrow(0, start + size, total - start - size)])
+    raise ValueError(
+        f"The swap on `{path}` cannot tell its rows and tokens apart: the pass has {total} rows"
+        f"{'' if current is None else f' of {current[1]} tokens'}, and the module returned "
+        f"{tuple(target.shape)}. A swap acts on a batch-first (rows, tokens, d) or (rows, d) "
+        f"output; put it on such a module (a decoder layer, an MLP's output)."
+    )
+
+
+def _swap_tokens(
+    activation: Activation, adapter: Any, adapted: torch.Tensor, target: torch.Tensor, source: Any, alpha: float,
+    start: int, size: int, batcher: Any, controller: AdapterController,
+) -> torch.Tensor:
+    """`swap_in` on a ``(B, T, d)`` output: gather the paired tokens, swap, scatter back."""
+    device, path = target.device, controller.path
+    width = target.shape[1]
+    chosen = _chosen_tokens(activation.positions or EVERY_TOKEN, start, size, device, batcher, controller)
+    if chosen is False:
+        return adapted  # none of the base's tokens in this pass (a generation step past them)
+    base_cols = _columns_of(chosen, size, width, device, path, "base", activation.positions)  # (size, n)
+    n = base_cols.shape[1]
+    d = target.shape[-1]
+    if isinstance(source, SwapSource):
+        s_start, s_size = source.rows if source.rows is not None else (0, batcher.total)
+        picked = _chosen_tokens(source.positions or EVERY_TOKEN, s_start, s_size, device, batcher, controller)
+        if picked is False:
+            raise ValueError(
+                f"The swap on `{path}` acts on {n} token(s) of this pass, but the source's "
+                f"`positions={(source.positions or EVERY_TOKEN).text}` holds none of them (in "
+                f"`generate`, each step after the prefill holds only the new token). Choose "
+                f"`steps=` for the swap that the source's positions are in (e.g. `steps=0`, the "
+                f"prefill), or source positions every such step has (`slice(-1, None)`)."
+            )
+        source_cols = _columns_of(picked, s_size, width, device, path, "source", source.positions)  # (s_size, n_s)
+        if source_cols.shape[1] not in (1, n):
+            raise ValueError(
+                f"The swap on `{path}`: the source's `positions={(source.positions or EVERY_TOKEN).text}` "
+                f"picks {source_cols.shape[1]} token(s) per row and the base's "
+                f"`positions={(activation.positions or EVERY_TOKEN).text}` {n}. They pair in token "
+                f"order, so the counts must match, or the source must give one token to go to every "
+                f"base token. Choose positions that pick as many tokens in both."
+            )
+        source_rows = torch.arange(s_start, s_start + s_size, device=device)[:, None]  # (s_size, 1)
+        values = target[source_rows, source_cols]  # (s_size, n_s, d)
+    else:
+        values = _source_tensor(source, (size, n, d), path, "(rows, positions, d)", target)
+    rows = torch.arange(start, start + size, device=device)[:, None].expand(size, n)  # (size, n)
+    base = adapted[rows, base_cols]  # (size, n, d): a copy, which the swap's backward may keep
+    changed = adapter.swap(base, values.expand(size, n, d), alpha)
+    return adapted.index_put((rows, base_cols), changed)  # out of place: autograd reaches both runs
+
+
+def _columns_of(chosen: Any, size: int, width: int, device: torch.device, path: str, whose: str, spec: PositionSpec | None) -> torch.Tensor:
+    """The columns a ``(size, width)`` choice picks in each row, in token order: ``(size, n)``, or a refusal if rows differ in ``n``."""
+    if chosen is True:
+        return torch.arange(width, device=device).expand(size, width)
+    counts = chosen.sum(1)  # (size,)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(
+            f"The swap on `{path}`: the {whose}'s `positions={(spec or EVERY_TOKEN).text}` picks "
+            f"{counts.tolist()} tokens in its rows; a swap pairs the same number of tokens in every "
+            f"row. Choose positions every row has as many of (e.g. `-1`, or `[0, -1]`), or put "
+            f"prompts of other lengths in another pair of invokes."
+        )
+    return chosen.nonzero()[:, 1].reshape(size, int(counts[0]))  # row-major: each row's columns in order
+
+
+def _source_tensor(source: torch.Tensor, shape: tuple, path: str, layout: str, target: torch.Tensor) -> torch.Tensor:
+    """A source tensor, on ``target``'s device, broadcast to ``shape``, or a refusal naming both shapes."""
+    if source.dim() > len(shape) or any(s not in (1, want) for s, want in zip(source.shape[::-1], shape[::-1])):
+        raise ValueError(
+            f"The swap on `{path}` was given a source tensor of shape {tuple(source.shape)}, which "
+            f"does not go to this pass's {shape} {layout}: each dimension must match or be 1 (a "
+            f"one-row source goes to every row, a one-position source to every position)."
+        )
+    if source.device != target.device:
+        source = source.to(target.device)
+    return source.expand(shape)
