@@ -14,10 +14,12 @@ from .loreft import LoReFT
 from .module_copy import ModuleCopy
 from .module_intervention import ModuleIntervention
 from .optimization import Optimization
+from .positions import PromptPositions
 from .soft_prompt import SoftPrompt
 from .steering import SteeringVector
 
 __all__ = [
+    "PromptPositions",
     "LORA",
     "LoraSet",
     "DoRA",

@@ -46,6 +46,7 @@ from greenlet import getcurrent
 from nnsight.intervention.source import NO_SKIP, Controller, _as_fragment, run_body
 from nnsight.intervention.util import first_input
 
+from .acted import watch
 from .dims import first_tensor
 from .positions import PYTHON_MASK_TOKENS, PositionSpec, column_positions, normalize_positions, position_mask, python_columns, python_mask
 from .rows import NOTE, layout_error, note_lengths, pass_lengths, prompt_shape, row_span
@@ -76,7 +77,7 @@ class Activation:
     worker when the run ends (`Interleaver.cancel`).
     """
 
-    __slots__ = ("_adapter", "alpha", "steps", "last_pass", "finished", "positions", "rows", "plain", "mediator", "worker", "root_input", "calls", "calls_pass", "source")
+    __slots__ = ("_adapter", "alpha", "steps", "last_pass", "finished", "positions", "rows", "plain", "mediator", "worker", "root_input", "calls", "calls_pass", "source", "acted", "warned_own_call", "what")
 
     def __init__(
         self, adapter: Any, alpha: float, steps: Any, mediator: "Mediator", root_input: str, positions: PositionSpec | None = None, rows: list | None = None
@@ -94,6 +95,9 @@ class Activation:
         self.worker = weakref.ref(worker)
         self.root_input = root_input  # the root module's input location, to count passes
         self.calls, self.calls_pass = 1, None  # repeat calls within one pass (see `MAX_CALLS_PER_PASS`)
+        self.acted = False  # acted on some token of some pass: a run that ends with it False raises (see `acted`)
+        self.warned_own_call = False  # warned that the user's own call of the module was not adapted (`stood_down`)
+        self.what = "the intervention"  # the call that switched it on (`lora()`), for messages
 
     def update(self, alpha: float, steps: Any, positions: PositionSpec | None) -> None:
         """Set the options of the call that switched it on (a repeat call from the same invoke sets them anew)."""
@@ -170,6 +174,8 @@ class AdapterController(Controller):
                     standby.review(notes, interleaver)
                 if not self.activations:  # the root, noting for adapters elsewhere: nothing to retire
                     return self._handoff(interleaver, locations, args, kwargs)
+        if interleaver is None and self.activations and self.stood_down():
+            return self.inner(*args, **kwargs)  # your own call inside a running trace (a logit lens): see `stood_down`
         live = self.live(interleaver) if interleaver is not None else []
         if not live:
             self.retire_if_idle(interleaver)
@@ -184,6 +190,7 @@ class AdapterController(Controller):
         if len(live) == 1 and type(output) is torch.Tensor and type(x) is torch.Tensor:
             activation = live[0]
             if activation.plain:  # the usual case, with nothing to narrow: `add_deltas`' first branch
+                activation.acted = True
                 return handle(locations[2], activation._adapter().intervene(output, x, activation.alpha))
         return handle(locations[2], add_deltas(output, x, live, interleaver, self))
 
@@ -215,6 +222,38 @@ class AdapterController(Controller):
             if activation.steps is None or activation.acts_on_this_pass(mediator):
                 live.append(activation)
         return live
+
+    def stood_down(self) -> bool:
+        """Whether this call is the user's own call of the module inside a run that is still going.
+
+        nnsight stands a trace down while code in an invoke calls a module
+        itself (``model.lm_head(h)``, a logit lens): `Envoy.__call__` clears
+        ``interleaving`` for the call, so nothing is handed off. Such a call
+        computes the module's base function, whatever interventions are on it:
+        they act on the model's own forward only (the one rule, on the gotchas
+        page). The model's own call later in the pass must still be adapted, so
+        the activations stay (they are not retired as a finished run's are),
+        and each warns once that this call was not adapted.
+        """
+        running = []
+        for activation in self.activations:
+            mediator = activation.mediator()
+            if mediator is not None and mediator.worker is not None and mediator.worker is activation.worker() and mediator.interleaver is not None:
+                running.append(activation)
+        if not running:
+            return False
+        for activation in running:
+            if not activation.warned_own_call:
+                activation.warned_own_call = True
+                warnings.warn(
+                    f"Your code called `{self.path}` itself inside the trace (as a logit lens "
+                    f"does), while an intervention is switched on there. That call computes "
+                    f"the module's base function: interventions act on the model's own calls "
+                    f"only, which stay adapted. To see the adaptation in your own call, "
+                    f"`merge()` it first (LoRA, DoRA), or apply it yourself to the call's output.",
+                    stacklevel=4,
+                )
+        return True
 
     def note_for(self, batcher: Any, role: str, encoder_decoder: bool) -> None:
         """Note the sequence lengths of each forward of this module in ``batcher``'s run."""
@@ -299,16 +338,19 @@ def add_deltas(
         rows = activation.rows  # [start, size], None: all
         if activation.plain:
             adapted = adapter.intervene(adapted, x, alpha)
+            activation.acted = True
             cloned = False  # a fresh tensor now, which a formula's backward may keep: clone before writing rows into it
             continue
         if activation.source is not None:  # a swap (`RotatedSpace`): pairs these rows with the source's (see `swap_in`)
-            adapted = swap_in(activation, adapter, adapted, target, batcher, controller)
-            cloned = False  # `swap_in` returns a fresh tensor
+            swapped = swap_in(activation, adapter, adapted, target, batcher, controller)
+            if swapped is not adapted:  # `swap_in` returns a fresh tensor, or `adapted` on a pass with none of its tokens
+                adapted, cloned, activation.acted = swapped, False, True
             continue
         start, size = rows if rows is not None else (0, batcher.total)
         chosen = True if spec is None else _chosen_tokens(spec, start, size, target.device, batcher, controller)
         if chosen is False:
             continue  # none of this pass's tokens (a generation step before or after the chosen ones)
+        activation.acted = True
         if rows is None and chosen is True and not getattr(adapter, "reads_positions", False):  # every token of every row
             adapted = adapter.intervene(adapted, x, alpha)
             cloned = False
@@ -377,7 +419,7 @@ def _chosen_tokens(spec: PositionSpec, start: int, size: int, device: torch.devi
         )
     pass_start, width = current
     masks = notes.setdefault("masks", {})
-    key = (pass_start, width, start, size, spec.ints, spec.start, spec.stop, spec.step, device)  # a mask lives on one device
+    key = (pass_start, width, start, size, spec.ints, spec.start, spec.stop, spec.step, spec.ends, device)  # a mask lives on one device
     chosen = masks.get(key)
     if chosen is None:
         chosen = masks[key] = _pass_mask(spec, notes, pass_start, width, start, size, device, controller.path)
@@ -580,7 +622,7 @@ def activate_many(
             _note_lengths_of_run(envoy, interleaver)
             noted = True
         controller = _adapter_controller(envoy)
-        is_new = _switch_on(controller, adapter, alpha, steps, mediator, rows, root_input, envoy.path, positions)
+        is_new = _switch_on(controller, adapter, alpha, steps, mediator, rows, root_input, envoy.path, positions, what)
         if positions is not None:
             Standby.of(interleaver.batcher.__dict__.setdefault(NOTE, {})).enrol(controller)
         if is_new and passes:
@@ -626,6 +668,7 @@ def _switch_on(
     root_input: str,
     path: str,
     positions: PositionSpec | None = None,
+    what: str = "the intervention",
 ) -> bool:
     """Add (or update) ``adapter``'s activation for ``mediator``; whether it is new."""
     interleaver = mediator.interleaver
@@ -648,7 +691,10 @@ def _switch_on(
                 f"covers the whole batch). An adapter applies at most once per row: "
                 f"call it in only one of the two invokes."
             )
-    controller.activations.append(Activation(adapter, alpha, steps, mediator, root_input, positions, rows))
+    activation = Activation(adapter, alpha, steps, mediator, root_input, positions, rows)
+    activation.what = what
+    controller.activations.append(activation)
+    watch(activation, interleaver, path)  # a run that ends with it having acted on nothing raises (see `acted`)
     return True
 
 

@@ -13,6 +13,11 @@ Positions count **each row's real tokens**, never padding:
 So ``positions=[0, 1, -2, -1]`` touches the first two and last two prompt tokens
 of every row (pyreft's "f2+l2"), whatever the rows' lengths and padding.
 
+In a teacher-forced trace the input is the prompt *and* its answer, so ``-1``
+there is the answer's last token, not the prompt's. `PromptPositions` says
+where each row's prompt ends, so the same positions pick the same tokens in
+training and in ``generate``: ``PromptPositions(-1, prompt_lengths=[10, 7])``.
+
 How a position becomes a column of the running pass. The prompt's attention
 mask (noted at the first pass, see `rows.note_lengths`) says which of the ``T``
 padded columns are a row's real tokens; generated tokens are appended after
@@ -31,7 +36,61 @@ from typing import Any, Union
 import torch
 
 #: What ``positions=`` accepts.
-Positions = Union[None, int, slice, "list[int]", "tuple[int, ...]", range]
+Positions = Union[None, int, slice, "list[int]", "tuple[int, ...]", range, "PromptPositions"]
+
+
+class PromptPositions:
+    """Positions counted over a prompt whose length you give per row: the same tokens in a teacher-forced trace and in ``generate``.
+
+    In training, the trace runs the prompt and its answer together, so
+    ``positions=-1`` would be the answer's last token. Give each row's prompt
+    length and the positions count over that prompt instead: negative positions
+    and negative slice bounds count back from the prompt's end, and the tokens
+    after it continue the count, as generated tokens do in ``generate``. Every
+    form of ``positions=`` is accepted (an int, a list of ints, a slice).
+
+    Args:
+        positions: The positions, as for ``positions=``.
+        prompt_lengths: Each row's prompt length in real tokens, one per row of
+            the invoke, or one int for every row. In ``generate`` the prompt is
+            the whole input, so a row's length is its real prompt tokens, and
+            ``PromptPositions(-1, prompt_lengths=lengths)`` picks what ``-1`` does.
+
+    Examples:
+        ``model`` here is `nnsight_toolbox.testing.load_tiny_model`'s 32-wide tiny GPT-2.
+
+        >>> from nnsight_toolbox import SteeringVector
+        >>> steer = SteeringVector(model.transformer.h[0])
+        >>> prompt, answer = "The capital of France is", " Paris"
+        >>> with model.trace(prompt + answer):                  # training: the last prompt token
+        ...     steer(positions=PromptPositions(-1, prompt_lengths=len(prompt)))
+        >>> with model.generate(prompt, max_new_tokens=2):      # the same token
+        ...     steer(positions=-1)
+    """
+
+    __slots__ = ("positions", "prompt_lengths")
+
+    def __init__(self, positions: Any, prompt_lengths: "int | list[int] | tuple[int, ...]") -> None:
+        if isinstance(positions, PromptPositions):
+            raise TypeError("`PromptPositions` takes the positions themselves (an int, a list of ints or a slice), not another `PromptPositions`.")
+        normalize_positions(positions)  # the same checks as `positions=`
+        if isinstance(prompt_lengths, torch.Tensor):
+            prompt_lengths = prompt_lengths.tolist()
+        lengths = (prompt_lengths,) if isinstance(prompt_lengths, int) and not isinstance(prompt_lengths, bool) else prompt_lengths
+        try:
+            lengths = tuple(lengths)
+        except TypeError:
+            lengths = ()
+        if not lengths or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths):
+            raise ValueError(
+                f"`prompt_lengths` must be a positive int or a list of them, one per row of the "
+                f"invoke (each row's prompt length in real tokens), got {prompt_lengths!r}."
+            )
+        self.positions, self.prompt_lengths = positions, lengths
+
+    def __repr__(self) -> str:
+        lengths = self.prompt_lengths[0] if len(self.prompt_lengths) == 1 else list(self.prompt_lengths)
+        return f"PromptPositions({self.positions!r}, prompt_lengths={lengths!r})"
 
 
 class PositionSpec:
@@ -40,11 +99,39 @@ class PositionSpec:
     A plain class, not a dataclass: the package ships to remote servers as source.
     """
 
-    __slots__ = ("ints", "int_set", "start", "stop", "step", "text")
+    __slots__ = ("ints", "int_set", "start", "stop", "step", "text", "ends")
 
-    def __init__(self, ints: "tuple[int, ...] | None", start: int | None, stop: int | None, step: int, text: str) -> None:
+    def __init__(self, ints: "tuple[int, ...] | None", start: int | None, stop: int | None, step: int, text: str, ends: "tuple[int, ...] | None" = None) -> None:
         self.ints, self.start, self.stop, self.step, self.text = ints, start, stop, step, text
         self.int_set = None if ints is None else frozenset(ints)  # for membership tests, made once
+        self.ends = ends  # `PromptPositions`' prompt lengths, one per row (or one for all); None: each row's real prompt
+
+    def prompt_ends(self, lengths: "list[int]", path: str) -> "list[int]":
+        """Where each row's prompt ends, for negative positions: ``lengths`` (the rows' real prompt tokens), or `PromptPositions`' lengths.
+
+        Examples:
+            >>> normalize_positions(-1).prompt_ends([10, 7], "m")
+            [10, 7]
+            >>> normalize_positions(PromptPositions(-1, prompt_lengths=[4, 3])).prompt_ends([10, 7], "m")
+            [4, 3]
+        """
+        if self.ends is None:
+            return list(lengths)
+        ends = list(self.ends) * len(lengths) if len(self.ends) == 1 else list(self.ends)
+        if len(ends) != len(lengths):
+            raise ValueError(
+                f"`positions={self.text}` on `{path}`: it gives {len(self.ends)} prompt lengths, and its "
+                f"invoke has {len(lengths)} rows. Give one per row, in the invoke's order, or one int for every row."
+            )
+        longer = [row for row, (end, length) in enumerate(zip(ends, lengths)) if end > length]
+        if longer:
+            raise ValueError(
+                f"`positions={self.text}` on `{path}`: row(s) {longer} have {[lengths[r] for r in longer]} "
+                f"real tokens in their input, fewer than the prompt lengths given "
+                f"({[ends[r] for r in longer]}). A prompt length counts the row's real prompt tokens, "
+                f"which the input holds (with the answer after them, in training)."
+            )
+        return ends
 
 
 def normalize_positions(positions: Any) -> PositionSpec | None:
@@ -60,6 +147,11 @@ def normalize_positions(positions: Any) -> PositionSpec | None:
     """
     if positions is None:
         return None
+    if isinstance(positions, PositionSpec):
+        return positions
+    if isinstance(positions, PromptPositions):
+        spec = normalize_positions(positions.positions)
+        return PositionSpec(spec.ints, spec.start, spec.stop, spec.step, repr(positions), positions.prompt_lengths)
     text = repr(positions)
     if isinstance(positions, slice):
         parts = (positions.start, positions.stop, positions.step)
@@ -129,16 +221,17 @@ def position_mask(
         [[False, True, False], [True, False, False]]
     """
     lengths = prompt_mask.to(torch.long).sum(1)  # (rows,) real prompt tokens
+    ends = lengths if spec.ends is None else torch.tensor(spec.prompt_ends(lengths.tolist(), path))  # where negatives count from
     if position is None:
         position = column_positions(prompt_mask, start, width)  # -1 on padding
     real = position >= 0
     if spec.ints is not None:
-        wanted = torch.tensor(spec.ints)[None, :] + torch.where(torch.tensor(spec.ints) < 0, lengths[:, None], 0)  # (rows, k)
+        wanted = torch.tensor(spec.ints)[None, :] + torch.where(torch.tensor(spec.ints) < 0, ends[:, None], 0)  # (rows, k)
         _check_ints(spec, wanted, lengths, generating, path)
         picked = (position[:, :, None] == wanted[:, None, :]).any(-1)
     else:
-        low = _bound(spec.start, lengths, 0)
-        high = _bound(spec.stop, lengths, math.inf)
+        low = _bound(spec.start, ends, 0)
+        high = _bound(spec.stop, ends, math.inf)
         picked = (position >= low[:, None]) & (position.double() < high[:, None]) & ((position - low[:, None]) % spec.step == 0)
     return picked & real
 
@@ -171,6 +264,8 @@ def python_mask(
     """
     if start < prompt_width and not left_padded:
         return None
+    if spec.ends is not None:
+        return None  # `PromptPositions`: `position_mask` checks the prompt lengths given
     rows = []
     ints = spec.ints  # sorted
     same_for_every_row = ints is not None and ints[0] >= 0  # no position counted from the end

@@ -103,7 +103,10 @@ def note_columns(notes: dict, total: int, kwargs: dict, first: Any) -> None:
     if not isinstance(tokens, torch.Tensor):
         tokens = kwargs.get("inputs_embeds")
         if not isinstance(tokens, torch.Tensor):
-            tokens = first
+            # Token ids given positionally. A floating-point first input is not tokens:
+            # pixels (B, C, H, W) have channels on dim 1, audio features their own
+            # layout, so the pass's positions stay unknown and `positions=` is refused.
+            tokens = first if isinstance(first, torch.Tensor) and not first.is_floating_point() else None
     if not isinstance(tokens, torch.Tensor):
         return
     shape = tokens.shape

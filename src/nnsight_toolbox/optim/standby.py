@@ -126,7 +126,7 @@ def can_rest(controller: Any, lengths: list[int], interleaver: Any) -> bool:
         if activation.live_mediator(interleaver) is None:
             continue  # a finished run's; it acts on nothing
         spec = activation.positions
-        if spec is None or spec.ints is None:
+        if spec is None or spec.ints is None or spec.ends is not None:  # `PromptPositions`: stay awake, simply
             return False
         start, size = activation.rows if activation.rows is not None else (0, len(lengths))
         for length in lengths[start : start + size]:

@@ -1,0 +1,111 @@
+"""Which axis of a module's output holds the batch, established once per model by a scan.
+
+Row scoping (`rows`) narrows a module's output to an invoke's rows. Most
+modules are batch-first, ``(B, T, H)``; a few are time-first, ``(T, B, H)``
+(FSMT's encoder and decoder layers). When ``T == B`` the two have the same
+shape, so the running pass alone cannot tell them apart. So when an
+intervention is built, one scan of its model (fake tensors: no weights are
+read) runs a batch whose size and sequence lengths all differ (2 rows; 3
+encoder tokens and 5 decoder tokens), and each module's output axis of size 2
+is recorded:
+
+- `BATCH_FIRST` (``0``): the batch is dim 0;
+- `TIME_FIRST` (``1``): dim 0 is the sequence and dim 1 the batch;
+- `OTHER`: neither (a flattened ``(B*T, H)`` layer, a routed expert, a pooled
+  head): run time decides from the pass's lengths, as before (`rows.row_span`);
+- ``None``: unknown, where the scan could not run; run time then refuses the
+  one shape it cannot read, a ``(n, n, ...)`` output on scoped rows.
+
+The scan runs once per model (cached on the Hugging Face model, weakly), and
+the answer travels with the intervention (`ModuleIntervention.batch_axis`),
+so a remote server uses the client's scan.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .dims import first_tensor
+
+if TYPE_CHECKING:
+    from nnsight.intervention.envoy import Envoy
+
+BATCH_FIRST = 0
+TIME_FIRST = 1
+OTHER = "other"
+
+#: The scan's batch size and sequence lengths: all different, and no product equal to another.
+SCAN_ROWS, SCAN_TOKENS, SCAN_DECODER_TOKENS = 2, 3, 5
+
+#: Hugging Face model -> {module path: axis}; a model dropped is dropped here too.
+_SCANNED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+def batch_axis(envoy: "Envoy") -> Any:
+    """``envoy``'s output batch axis: `BATCH_FIRST`, `TIME_FIRST`, `OTHER`, or ``None`` if it could not be established.
+
+    Examples:
+        >>> batch_axis(model.transformer.h[0])   # GPT-2's layers are batch-first
+        0
+    """
+    root = envoy.root
+    hf_model = root._module
+    try:
+        axes = _SCANNED.get(hf_model)
+    except TypeError:  # a model that cannot be weakly referenced: scan each time
+        axes = None
+    if axes is None:
+        axes = scan_axes(root)
+        try:
+            _SCANNED[hf_model] = axes
+        except TypeError:
+            pass
+    return axes.get(envoy.path)
+
+
+def axis_of(tensor: Any, rows: int = SCAN_ROWS) -> Any:
+    """The batch axis of one scanned tensor of ``rows`` rows.
+
+    Examples:
+        >>> axis_of(torch.zeros(2, 3, 8)), axis_of(torch.zeros(3, 2, 8)), axis_of(torch.zeros(6, 8))
+        (0, 1, 'other')
+    """
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+        return OTHER
+    if tensor.shape[0] == rows:
+        return BATCH_FIRST
+    if tensor.dim() >= 3 and tensor.shape[1] == rows and tensor.shape[0] in (SCAN_TOKENS, SCAN_DECODER_TOKENS):
+        return TIME_FIRST
+    return OTHER
+
+
+def scan_axes(root: "Envoy") -> dict[str, Any]:
+    """Every module's output batch axis, from one nnsight scan of ``root``'s model; empty if the scan cannot run."""
+    if root.interleaver.interleaving:
+        return {}
+    inputs = _scan_inputs(root._module)
+    if inputs is None:
+        return {}
+    paths = [envoy.path for envoy in root.modules() if envoy is not root]
+    try:
+        with root.scan(**inputs) as tracer:
+            cache = tracer.cache(modules=paths)
+        return {path: axis_of(first_tensor(cache[path].output)) for path in paths if path in cache}
+    except Exception:  # third-party code under fake tensors (a routed MoE): unknown, refused where it matters
+        return {}
+
+
+def _scan_inputs(hf_model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    config = getattr(hf_model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 2:
+        return None
+    ids = torch.arange(1, 1 + SCAN_ROWS * SCAN_TOKENS).reshape(SCAN_ROWS, SCAN_TOKENS) % vocab
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if getattr(config, "is_encoder_decoder", False):
+        start = next((t for t in (getattr(config, "decoder_start_token_id", None), getattr(config, "pad_token_id", None)) if isinstance(t, int)), 0)
+        inputs["decoder_input_ids"] = torch.full((SCAN_ROWS, SCAN_DECODER_TOKENS), start)
+    return inputs

@@ -1,0 +1,249 @@
+"""Never a silent no-op, never a silent wrong token.
+
+Each case of an intervention that could not act, or could act on the wrong
+tokens, rows or calls: where the package refuses, the test checks the error's
+type and the words that tell the user what to do; where it acts, it checks the
+result against a plain torch hook on the right tokens, rows or calls.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers
+from nnsight import NNsight
+
+from nnsight_toolbox import LORA, BatchedNNsight, LoReFT, PromptPositions, SteeringVector
+
+PROMPT = torch.tensor([[5, 17, 23, 42, 8, 99, 3, 61, 7, 12]])  # 10 tokens
+
+
+def steering(module, seed=0, **widths):
+    vector = SteeringVector(module, **widths)
+    with torch.no_grad():
+        vector.v.copy_(torch.randn(vector.v.shape, generator=torch.Generator().manual_seed(seed)))
+    return vector
+
+
+def nonzero_lora(module, r=4, seed=0):
+    lora = LORA(module, r=r)
+    with torch.no_grad():
+        lora.WB.copy_(torch.randn(lora.WB.shape, generator=torch.Generator().manual_seed(seed)))
+    return lora
+
+
+# ---------------------------------------------------------------------------
+# 1. A module that never runs
+# ---------------------------------------------------------------------------
+
+
+class TwoBranches(torch.nn.Module):
+    """A model whose forward calls ``used`` and never ``unused``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = torch.nn.Linear(8, 8)
+        self.unused = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+@pytest.mark.parametrize("kind", ["lora", "steer"])
+def test_an_intervention_on_a_module_the_forward_never_calls_raises_at_the_end_of_the_run(kind):
+    torch.manual_seed(0)
+    model = NNsight(TwoBranches())
+    intervention = LORA(model.unused, r=2) if kind == "lora" else SteeringVector(model.unused)
+    with pytest.raises(RuntimeError, match=r"never acted: the run ended without calling `model.unused`") as error:
+        with model.trace(torch.randn(2, 8)):
+            intervention()
+            model.output.save()
+    assert "Put the intervention on a module the forward calls" in str(error.value)
+
+
+def test_a_container_is_refused_with_the_layer_to_pick_instead(gpt2):
+    for build in (lambda: SteeringVector(gpt2.transformer.h), lambda: SteeringVector(gpt2.transformer.h, output_dim=32), lambda: LORA(gpt2.transformer.h, r=2)):
+        with pytest.raises(TypeError, match=r"ModuleList, which the model's forward never calls.*`model.transformer.h\[0\]`"):
+            build()
+
+
+def test_an_intervention_switched_on_after_its_module_ran_raises_at_the_end_of_the_trace(gpt2):
+    vector = steering(gpt2.transformer.h[0])
+    with pytest.raises(RuntimeError, match=r"switched on after `model.transformer.h.0` had run"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the warning at the call; the error at the end is the point here
+            with gpt2.trace(PROMPT):
+                gpt2.transformer.h[1].output.save()
+                vector()
+
+
+def test_a_run_stopped_early_is_not_checked(gpt2):
+    late = steering(gpt2.lm_head)
+    with gpt2.trace(PROMPT) as tracer:
+        late()
+        hidden = gpt2.transformer.h[0].output.save()
+        tracer.stop()
+    assert hidden.shape[:2] == (1, 10)
+
+
+def test_an_intervention_that_acted_on_some_pass_does_not_raise(gpt2):
+    vector = steering(gpt2.transformer.h[0])
+    with gpt2.generate(PROMPT, max_new_tokens=2) as tracer:
+        vector(steps=1)
+        out = tracer.result.save()
+    assert out.shape == (1, 12)
+
+
+# ---------------------------------------------------------------------------
+# 2. Positions or steps never reached in generate
+# ---------------------------------------------------------------------------
+
+
+def test_positions_past_every_row_in_generate_raise_with_what_was_asked_and_had(gpt2):
+    vector = steering(gpt2.transformer.h[0])
+    with pytest.raises(RuntimeError) as error:
+        with gpt2.generate(PROMPT, max_new_tokens=2):
+            vector(positions=30)
+    message = str(error.value)
+    assert "`steer()` on `model.transformer.h.0` never acted" in message
+    assert "`positions=30`" in message and "[10] real prompt tokens" in message and "up to [10]" in message
+    assert "generate more tokens" in message
+
+
+def test_steps_past_the_last_pass_in_generate_raise(gpt2):
+    vector = steering(gpt2.transformer.h[0])
+    with pytest.raises(RuntimeError, match=r"`steps=5`.*2 forward pass\(es\)"):
+        with gpt2.generate(PROMPT, max_new_tokens=2):
+            vector(steps=5)
+
+
+def test_a_position_reached_by_a_generated_token_acts_and_matches_a_hook(gpt2):
+    """Position 10 is the first generated token: it passes through the model in step 1."""
+    vector = steering(gpt2.transformer.h[0])
+    steps = []
+    with gpt2.generate(PROMPT, max_new_tokens=3) as tracer:
+        vector(positions=10)
+        for _ in tracer.iter[:3]:
+            steps.append(gpt2.lm_head.output[:, -1])
+    seen = []
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if len(seen) == 1:  # the pass of position 10 (with a KV cache, one token)
+            hidden = hidden + vector.v
+        seen.append(1)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = gpt2.transformer.h[0]._module.register_forward_hook(hook)
+    try:
+        expected = []
+        with gpt2.generate(PROMPT, max_new_tokens=3) as tracer:
+            for _ in tracer.iter[:3]:
+                expected.append(gpt2.lm_head.output[:, -1])
+    finally:
+        handle.remove()
+    assert len(steps) == len(expected) == 3
+    for got, want in zip(steps, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_second_row_that_reaches_a_position_is_enough(gpt2):
+    """One row's prompt lacks position 7, which a generated token reaches; the other row has it."""
+    vector = steering(gpt2.transformer.h[0])
+    with gpt2.generate(["abcdefghij", "abcde"], max_new_tokens=1):
+        vector(positions=7)
+
+
+# ---------------------------------------------------------------------------
+# 3. Pixels are not tokens
+# ---------------------------------------------------------------------------
+
+
+def tiny_vit():
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=4, num_channels=3)
+    torch.manual_seed(0)
+    return transformers.ViTModel(config).eval()
+
+
+def test_positions_on_pixel_inputs_are_refused(gpt2):
+    model = BatchedNNsight(tiny_vit())
+    vector = steering(model.layers[0], output_dim=32)
+    pixels = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"token positions of this pass are unknown.*Drop `positions=`"):
+        with model.trace() as tracer:
+            with tracer.invoke(pixels):
+                vector(positions=[0, 1, -2, -1])
+                model.layers[0].output.save()
+
+
+def test_every_patch_token_on_pixel_inputs_matches_a_hook():
+    vit = tiny_vit()
+    model = BatchedNNsight(vit)
+    vector = steering(model.layers[0], output_dim=32)
+    pixels = torch.randn(2, 3, 16, 16)
+    with model.trace() as tracer:
+        with tracer.invoke(pixels[:1]):
+            vector()
+            first = model.layers[1].output.save()
+        with tracer.invoke(pixels[1:]):
+            second = model.layers[1].output.save()
+    first, second = (value[0] if isinstance(value, tuple) else value for value in (first, second))
+    got = torch.cat([first, second])
+    handle = vit.layers[0].register_forward_hook(lambda m, a, o: torch.cat([o[:1] + vector.v.detach(), o[1:]]) if not isinstance(o, tuple) else (torch.cat([o[0][:1] + vector.v.detach(), o[0][1:]]), *o[1:]))
+    try:
+        with torch.no_grad():
+            want = vit.layers[1](vit.layers[0](vit.embeddings(pixels)))
+    finally:
+        handle.remove()
+    got = got[0] if isinstance(got, tuple) else got
+    want = want[0] if isinstance(want, tuple) else want
+    torch.testing.assert_close(got.detach(), want)
+
+
+# ---------------------------------------------------------------------------
+# 6. A module your own code calls first (a logit lens)
+# ---------------------------------------------------------------------------
+
+
+def test_the_models_own_call_stays_adapted_after_a_logit_lens_and_the_lens_computes_the_base_module(gpt2):
+    lens_head = nonzero_lora(gpt2.lm_head)
+    with gpt2.trace(PROMPT):
+        base = gpt2.lm_head.output.save()
+    with pytest.warns(UserWarning, match=r"called `model.lm_head` itself.*computes the module's base function"):
+        with gpt2.trace(PROMPT):
+            lens_head()
+            hidden = gpt2.transformer.h[0].output[:, -1]
+            hidden_saved = hidden.save()
+            lens = gpt2.lm_head(gpt2.transformer.ln_f(hidden)).save()
+            adapted = gpt2.lm_head.output.save()
+    # The reference: a hook on the raw lm_head adds the delta on the model's call.
+    raw = gpt2.lm_head._module
+    handle = raw.register_forward_hook(lambda m, a, o: o + a[0] @ lens_head.WA.detach() @ lens_head.WB.detach())
+    try:
+        with torch.no_grad():
+            hf = gpt2._module
+            want = hf(PROMPT).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(adapted.detach(), want)
+    assert not torch.allclose(adapted, base)
+    # The rule for your own calls: they compute the base module, as the raw modules do outside a trace.
+    with torch.no_grad():
+        lens_ref = raw(hf.transformer.ln_f(hidden_saved))
+    torch.testing.assert_close(lens.detach(), lens_ref)
+
+
+def test_an_extra_call_after_the_module_ran_is_harmless(gpt2):
+    lens_head = nonzero_lora(gpt2.lm_head)
+    with gpt2.trace(PROMPT):
+        lens_head()
+        adapted = gpt2.lm_head.output.save()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with gpt2.trace(PROMPT):
+            lens_head()
+            again = gpt2.lm_head.output.save()
+            gpt2.lm_head(torch.zeros(1, 32)).save()
+    torch.testing.assert_close(again, adapted)
