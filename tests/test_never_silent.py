@@ -247,3 +247,163 @@ def test_an_extra_call_after_the_module_ran_is_harmless(gpt2):
             again = gpt2.lm_head.output.save()
             gpt2.lm_head(torch.zeros(1, 32)).save()
     torch.testing.assert_close(again, adapted)
+
+
+# ---------------------------------------------------------------------------
+# 4. Time-first when T == B
+# ---------------------------------------------------------------------------
+
+
+def tiny_fsmt():
+    config = transformers.FSMTConfig(
+        langs=["en", "de"], src_vocab_size=50, tgt_vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_position_embeddings=64, pad_token_id=1, eos_token_id=2, bos_token_id=0, decoder_start_token_id=2,
+    )
+    torch.manual_seed(0)
+    return transformers.FSMTForConditionalGeneration(config).eval()
+
+
+FSMT_IDS = torch.tensor([[5, 9], [7, 11]])  # 2 rows of 2 tokens: T == B
+
+
+def test_a_time_first_layer_with_as_many_tokens_as_rows_is_refused_per_invoke():
+    model = BatchedNNsight(tiny_fsmt())
+    lora = nonzero_lora(model.model.encoder.layers[0].fc1, r=2)
+    with pytest.raises(ValueError, match=r"time-first, \(tokens, rows, \.\.\.\).*empty `tracer.invoke\(\)`"):
+        with model.trace() as tracer:
+            with tracer.invoke(input_ids=FSMT_IDS[:1], decoder_input_ids=FSMT_IDS[:1]):
+                lora()
+            with tracer.invoke(input_ids=FSMT_IDS[1:], decoder_input_ids=FSMT_IDS[1:]):
+                pass
+
+
+def test_a_time_first_layer_adapted_on_the_whole_batch_matches_a_hook():
+    fsmt = tiny_fsmt()
+    model = BatchedNNsight(fsmt)
+    lora = nonzero_lora(model.model.encoder.layers[0].fc1, r=2)
+    with model.trace() as tracer:
+        with tracer.invoke(input_ids=FSMT_IDS, decoder_input_ids=FSMT_IDS):
+            lora()
+            got = model.output.logits.save()
+    handle = fsmt.model.encoder.layers[0].fc1.register_forward_hook(lambda m, a, o: o + a[0] @ lora.WA.detach() @ lora.WB.detach())
+    try:
+        with torch.no_grad():
+            want = fsmt(input_ids=FSMT_IDS, decoder_input_ids=FSMT_IDS).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got.detach(), want)
+
+
+def test_a_batch_first_layer_with_as_many_tokens_as_rows_is_scoped_to_its_rows(gpt2):
+    """GPT-2's layers are batch-first; the scan says so, so two 1-row invokes of 2 tokens are scoped exactly."""
+    lora = nonzero_lora(gpt2.transformer.h[0].mlp.c_fc)
+    ids = torch.tensor([[5, 9], [7, 11]])
+    with gpt2.trace() as tracer:
+        with tracer.invoke(ids[:1]):
+            lora()
+            first = gpt2.lm_head.output.save()
+        with tracer.invoke(ids[1:]):
+            second = gpt2.lm_head.output.save()
+    raw = gpt2.transformer.h[0].mlp.c_fc._module
+
+    def first_row_only(module, args, output):
+        delta = args[0] @ lora.WA.detach() @ lora.WB.detach()
+        return output + torch.cat([delta[:1], torch.zeros_like(delta[1:])])
+
+    handle = raw.register_forward_hook(first_row_only)
+    try:
+        with torch.no_grad():
+            want = gpt2._module(ids).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(torch.cat([first, second]).detach(), want)
+
+
+# ---------------------------------------------------------------------------
+# 5. Teacher forcing and generation agree on the prompt's last token
+# ---------------------------------------------------------------------------
+
+
+def add_at_columns(module, vector, columns, passes=(0,)):
+    """A hook adding ``vector`` to ``module``'s output at ``columns[row]`` of each row, on the given passes only."""
+    calls = []
+
+    def hook(m, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if len(calls) in passes:
+            hidden = hidden.clone()
+            for row, column in enumerate(columns):
+                hidden[row, column] = hidden[row, column] + vector
+        calls.append(1)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return module.register_forward_hook(hook)
+
+
+def test_prompt_positions_in_a_teacher_forced_trace_pick_each_rows_last_prompt_token(gpt2):
+    prompts, answers = ["abcdefghij", "abcde"], ["XYZ", "XY"]
+    vector = steering(gpt2.transformer.h[0])
+    with gpt2.trace([p + a for p, a in zip(prompts, answers)]):
+        vector(positions=PromptPositions(-1, prompt_lengths=[len(p) for p in prompts]))
+        got = gpt2.lm_head.output.save()
+    # Left-padded to 13 columns: row 0's prompt ends at column 9, row 1's (7 real tokens) at 6 + 4 = 10.
+    batch = gpt2.tokenizer([p + a for p, a in zip(prompts, answers)], return_tensors="pt", padding=True)
+    assert batch["attention_mask"].tolist()[1][:6] == [0] * 6
+    handle = add_at_columns(gpt2.transformer.h[0]._module, vector.v.detach(), [9, 10])
+    try:
+        with gpt2.trace([p + a for p, a in zip(prompts, answers)]):  # the same inputs, no intervention: the hook acts
+            want = gpt2.lm_head.output.save()
+    finally:
+        handle.remove()
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got.detach()[real], want.detach()[real])
+
+
+def test_a_vector_trained_at_the_prompts_end_steers_the_same_token_in_generate(gpt2):
+    prompt, answer = "abcdefghij", "XYZ"
+    vector = steering(gpt2.transformer.h[0])
+    optimizer = torch.optim.AdamW(vector.parameters(), lr=0.1)
+    target = torch.tensor(gpt2.tokenizer(answer)["input_ids"])
+    for _ in range(3):
+        with gpt2.trace(prompt + answer):
+            vector(positions=PromptPositions(-1, prompt_lengths=len(prompt)))
+            logits = gpt2.lm_head.output.save()
+        loss = torch.nn.functional.cross_entropy(logits[0, len(prompt) - 1 : -1], target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with gpt2.generate(prompt, max_new_tokens=4, do_sample=False) as tracer:
+        vector(positions=-1)  # generate's prompt is the whole input: -1 is the same token
+        steered = tracer.result.save()
+    handle = add_at_columns(gpt2.transformer.h[0]._module, vector.v.detach(), [len(prompt) - 1])
+    try:
+        with gpt2.generate(prompt, max_new_tokens=4, do_sample=False) as tracer:
+            hooked = tracer.result.save()
+    finally:
+        handle.remove()
+    with gpt2.generate(prompt, max_new_tokens=4, do_sample=False) as tracer:
+        base = tracer.result.save()
+    assert steered.tolist() == hooked.tolist()
+    with gpt2.trace(prompt):  # the vector changes the prompt's last token's logits: the comparison is not vacuous
+        vector(positions=-1)
+        moved = gpt2.lm_head.output[0, -1].save()
+    with gpt2.trace(prompt):
+        still = gpt2.lm_head.output[0, -1].save()
+    assert not torch.allclose(moved, still)
+    assert base.shape == steered.shape
+
+
+def test_prompt_positions_refuse_lengths_that_do_not_fit(gpt2):
+    vector = steering(gpt2.transformer.h[0])
+    with pytest.raises(ValueError, match=r"gives 3 prompt lengths, and its invoke has 2 rows"):
+        with gpt2.trace(["abcdef", "abcd"]):
+            vector(positions=PromptPositions(-1, prompt_lengths=[3, 2, 1]))
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\] have \[4\] real tokens"):
+        with gpt2.trace(["abcdef", "abcd"]):
+            vector(positions=PromptPositions(-1, prompt_lengths=[3, 5]))
+    for bad in (0, [2, -1], "3", [], 2.5):
+        with pytest.raises(ValueError, match=r"`prompt_lengths` must be a positive int"):
+            PromptPositions(-1, prompt_lengths=bad)
+    with pytest.raises(ValueError, match=r"`positions` must be None"):
+        PromptPositions("last", prompt_lengths=3)

@@ -48,6 +48,7 @@ from nnsight.intervention.util import first_input
 
 from .acted import watch
 from .dims import first_tensor
+from .layout import BATCH_FIRST, TIME_FIRST
 from .positions import PYTHON_MASK_TOKENS, PositionSpec, column_positions, normalize_positions, position_mask, python_columns, python_mask
 from .rows import NOTE, layout_error, note_lengths, pass_lengths, prompt_shape, row_span
 from .standby import STANDBY, Standby
@@ -355,6 +356,7 @@ def add_deltas(
             adapted = adapter.intervene(adapted, x, alpha)
             cloned = False
             continue
+        check_batch_axis(adapter, target, batcher.total, controller.path)
         if spans is None:
             spans = _row_spans(target, x, batcher, controller)
         out_span, in_span = spans
@@ -378,6 +380,32 @@ def add_deltas(
             changed = torch.where(chosen, changed, rows_out)
         adapted.narrow(0, start * out_span, size * out_span).copy_(changed)
     return adapted if output is target else replace_first_tensor(output, adapted)
+
+
+def check_batch_axis(adapter: Any, target: torch.Tensor, total: int, path: str) -> None:
+    """Refuse rows or tokens on an output whose batch is not dim 0, as the model's scan found (see `layout`).
+
+    A time-first output ``(T, B, H)`` with ``T == B`` has the shape of a
+    batch-first one; the scan, run on a batch whose size and lengths differ,
+    tells them apart. Where the scan could not run, such a square output is
+    refused too, since which axis holds the rows cannot be known.
+    """
+    axis = getattr(adapter, "batch_axis", BATCH_FIRST)
+    if axis == BATCH_FIRST or (axis != TIME_FIRST and not (axis is None and target.dim() >= 3 and target.shape[0] == target.shape[1] == total)):
+        return
+    why = (
+        "it is time-first, (tokens, rows, ...), as a scan of the model on a batch whose size and "
+        "length differ found (FSMT's layers are)"
+        if axis == TIME_FIRST
+        else f"it is {tuple(target.shape)}, with as many tokens as rows, and the model could not be "
+        f"scanned for which axis holds the rows"
+    )
+    raise ValueError(
+        f"Cannot scope the intervention on `{path}` to its invoke's rows or tokens: {why}. Rows and "
+        f"positions are chosen only on a batch-first (B, T, ...) or flattened (B*T, ...) output. "
+        f"Adapt the whole batch instead: switch it on inside an empty `tracer.invoke()` (or in a "
+        f"trace with a single invoke), with no `positions=`."
+    )
 
 
 def _intervene(
@@ -894,6 +922,7 @@ def swap_in(
     """
     source, alpha = activation.source, activation.alpha
     total = batcher.total
+    check_batch_axis(adapter, target, total, controller.path)
     start, size = activation.rows if activation.rows is not None else (0, total)
     notes = batcher.__dict__.get(NOTE) or {}
     current = notes.get("pass")

@@ -90,12 +90,42 @@ def scan_axes(root: "Envoy") -> dict[str, Any]:
     if inputs is None:
         return {}
     paths = [envoy.path for envoy in root.modules() if envoy is not root]
-    try:
-        with root.scan(**inputs) as tracer:
-            cache = tracer.cache(modules=paths)
-        return {path: axis_of(first_tensor(cache[path].output)) for path in paths if path in cache}
-    except Exception:  # third-party code under fake tensors (a routed MoE): unknown, refused where it matters
+    if hasattr(type(root), "scan"):  # nnsight's language-model wrappers
+        try:
+            with root.scan(**inputs) as tracer:
+                cache = tracer.cache(modules=paths)
+            return {path: axis_of(first_tensor(cache[path].output)) for path in paths if path in cache}
+        except Exception:  # third-party code under fake tensors (a routed MoE): try a real run
+            pass
+    return _real_run_axes(root, inputs)
+
+
+def _real_run_axes(root: "Envoy", inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """`scan_axes` by one real forward under ``no_grad``, with plain torch hooks; empty if it cannot run (weights on meta)."""
+    hf_model = root._module
+    parameters = list(hf_model.parameters())
+    if any(p.is_meta for p in parameters):
         return {}
+    device = parameters[0].device if parameters else torch.device("cpu")
+    prefix = root.path
+    seen: dict[str, Any] = {}
+
+    def hook_for(path: str):
+        def hook(module, args, output):
+            seen.setdefault(path, axis_of(first_tensor(output)))
+
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(f"{prefix}.{name}")) for name, module in hf_model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            hf_model(**{key: value.to(device) for key, value in inputs.items()})
+    except Exception:
+        return {}
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 def _scan_inputs(hf_model: torch.nn.Module) -> dict[str, torch.Tensor] | None:

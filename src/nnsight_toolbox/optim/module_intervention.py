@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from .activation import Steps, activate_many, check_alpha, current_mediator, normalize_steps
 from .dims import infer_dims
 from .kinds import register
+from .layout import batch_axis
 from .optimization import Optimization, _module_device
 from .positions import Positions
 
@@ -197,6 +198,9 @@ class ModuleIntervention(Optimization):
         self.module = module
         self.metadata = {}
         self._device_hint = home_device(module)
+        # Which axis of the module's output holds the rows, from one scan per model: run
+        # time then never guesses it from a shape (see `layout`). Travels with the object.
+        self.batch_axis = batch_axis(module)
 
     @property
     def path(self) -> str:

@@ -35,10 +35,6 @@ from typing import Any, Union
 
 import torch
 
-#: What ``positions=`` accepts.
-Positions = Union[None, int, slice, "list[int]", "tuple[int, ...]", range, "PromptPositions"]
-
-
 class PromptPositions:
     """Positions counted over a prompt whose length you give per row: the same tokens in a teacher-forced trace and in ``generate``.
 
@@ -91,6 +87,10 @@ class PromptPositions:
     def __repr__(self) -> str:
         lengths = self.prompt_lengths[0] if len(self.prompt_lengths) == 1 else list(self.prompt_lengths)
         return f"PromptPositions({self.positions!r}, prompt_lengths={lengths!r})"
+
+
+#: What ``positions=`` accepts.
+Positions = Union[None, int, slice, "list[int]", "tuple[int, ...]", range, PromptPositions]
 
 
 class PositionSpec:
