@@ -219,6 +219,7 @@ def test_the_batch_size_never_changes_the_result(lm):
 
 
 def test_many_layers_in_one_pass_cost_the_forward_passes_of_one(gpt2):
+    SteeringVector(gpt2.transformer.h[0])  # the model's one layout scan (see `layout`) happens before counting
     calls = []
     handle = gpt2._module.register_forward_pre_hook(lambda module, args: calls.append(1))
     try:

@@ -16,14 +16,13 @@ is recorded:
 - ``None``: unknown, where the scan could not run; run time then refuses the
   one shape it cannot read, a ``(n, n, ...)`` output on scoped rows.
 
-The scan runs once per model (cached on the Hugging Face model, weakly), and
+The scan runs once per model (cached on the Hugging Face model), and
 the answer travels with the intervention (`ModuleIntervention.batch_axis`),
 so a remote server uses the client's scan.
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,8 +39,8 @@ OTHER = "other"
 #: The scan's batch size and sequence lengths: all different, and no product equal to another.
 SCAN_ROWS, SCAN_TOKENS, SCAN_DECODER_TOKENS = 2, 3, 5
 
-#: Hugging Face model -> {module path: axis}; a model dropped is dropped here too.
-_SCANNED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
+#: The attribute, on the Hugging Face model, that caches its scan: it lives and dies with the model.
+SCANNED = "_nnsight_toolbox_batch_axes"
 
 
 def batch_axis(envoy: "Envoy") -> Any:
@@ -53,16 +52,11 @@ def batch_axis(envoy: "Envoy") -> Any:
     """
     root = envoy.root
     hf_model = root._module
-    try:
-        axes = _SCANNED.get(hf_model)
-    except TypeError:  # a model that cannot be weakly referenced: scan each time
-        axes = None
+    axes = hf_model.__dict__.get(SCANNED)
     if axes is None:
         axes = scan_axes(root)
-        try:
-            _SCANNED[hf_model] = axes
-        except TypeError:
-            pass
+        if axes:  # an empty answer (a scan inside a trace) is asked again next time
+            hf_model.__dict__[SCANNED] = axes
     return axes.get(envoy.path)
 
 
