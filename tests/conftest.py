@@ -65,7 +65,17 @@ def load(path: str, **kwargs) -> LanguageModel:
     return LanguageModel(path, tokenizer=AutoTokenizer.from_pretrained(path), dispatch=True, **kwargs)
 
 
-@pytest.fixture(params=sorted(TARGETS))
+#: Every test on the `family` fixture runs on GPT-2 in the quick subset; the other
+#: families' runs (the whole-family sweeps) are marked `slow`.
+QUICK_FAMILY = "gpt2"
+
+
+def family_params(families) -> list:
+    """``families`` as fixture or parametrize values, all but `QUICK_FAMILY` marked `slow`."""
+    return [f if f == QUICK_FAMILY else pytest.param(f, marks=pytest.mark.slow) for f in families]
+
+
+@pytest.fixture(params=family_params(sorted(TARGETS)))
 def family(request) -> str:
     return request.param
 

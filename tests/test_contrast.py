@@ -23,6 +23,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import family_params
 
 from nnsight_toolbox import InterventionSet, SteeringVector
 from nnsight_toolbox.optim.contrast import aggregate_contrast, read_contrast
@@ -38,7 +39,7 @@ PAIRS = list(zip(POSITIVE, NEGATIVE))
 LAYERS = {"gpt2": "transformer.h", "llama": "model.layers"}
 
 
-@pytest.fixture(scope="module", params=sorted(LAYERS))
+@pytest.fixture(scope="module", params=family_params(sorted(LAYERS)))
 def lm(request, tmp_path_factory):
     """A tiny 3-layer model of each family (3 so that repeng's layers 0 and 1 are not the last, which it reads after the final norm)."""
     return load_tiny_model(request.param, tmp_path_factory.mktemp(request.param), layers=3, initializer_range=0.2)

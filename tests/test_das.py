@@ -350,6 +350,7 @@ def test_state_dict_round_trips_bit_for_bit(gpt2, make):
     assert torch.equal(other.swap(hb, hs), das.swap(hb, hs))
 
 
+@pytest.mark.slow  # a training loop
 def test_r_stays_orthogonal_under_adamw_with_weight_decay(gpt2):
     das = RotatedSpace(gpt2.transformer.h[1], k=8)
     optimizer = torch.optim.AdamW(das.parameters(), lr=0.05, weight_decay=0.5)
@@ -383,6 +384,7 @@ def test_state_dict_refuses_wrong_keys_and_shapes(gpt2):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a generate loop
 def test_generate_swaps_at_the_prefill_with_steps_zero(gpt2):
     das = randomized_rotation(RotatedSpace(gpt2.transformer.h[1], k=16), scale=1.0)
     with gpt2.generate(max_new_tokens=4, do_sample=False) as tracer:

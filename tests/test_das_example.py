@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the example script, run whole
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "das" / "hierarchical_equality.py"
 
 

@@ -23,7 +23,7 @@ from nnsight_toolbox import LORA, LoraSet, Optimization
 
 griffe = pytest.importorskip("griffe", reason="reading docstrings as the API reference does needs the `docs` extra")
 
-from public_api import documented_objects, load_package  # noqa: E402
+from public_api import documented_objects, load_package, public_objects  # noqa: E402
 
 PACKAGE = load_package()
 EXAMPLES = [obj for obj in documented_objects(PACKAGE) if ">>>" in obj.docstring.value]
@@ -35,6 +35,16 @@ def module_of(obj) -> str:
     return obj.path
 
 
+#: The public classes and functions (`LORA`, `export_peft`, ...), not their members.
+PUBLIC_TOP = {p.obj.path for p in public_objects(PACKAGE) if p.obj.parent.is_module}
+
+
+def quick_or_slow(obj):
+    """The example of a public class or function is in the quick subset; the others
+    (members such as ``LORA.merge``, modules, internals: most of the ~175) are marked `slow`."""
+    return obj if obj.path in PUBLIC_TOP else pytest.param(obj, marks=pytest.mark.slow)
+
+
 @pytest.fixture
 def model(model_paths) -> TransformersModel:
     """The tiny GPT-2, loaded as the docs load it."""
@@ -43,7 +53,7 @@ def model(model_paths) -> TransformersModel:
 
 
 @pytest.mark.filterwarnings("error::nnsight.NNsightDeprecationWarning")
-@pytest.mark.parametrize("obj", EXAMPLES, ids=lambda obj: obj.path)
+@pytest.mark.parametrize("obj", [quick_or_slow(obj) for obj in EXAMPLES], ids=lambda obj: obj.path)
 def test_docstring_example_runs(obj, model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = dict(vars(importlib.import_module(module_of(obj))))

@@ -46,7 +46,7 @@ def batch_of(model, prompts):
 
 # -- flattened rows: OPT's fc1, Qwen2-MoE's shared expert ----------------------------
 
-FLATTENED = [("opt", "model.decoder.layers.0.fc1"), ("qwen2_moe", "model.layers.0.mlp.shared_expert")]
+FLATTENED = [("opt", "model.decoder.layers.0.fc1"), pytest.param("qwen2_moe", "model.layers.0.mlp.shared_expert", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("family,path", FLATTENED)
@@ -116,6 +116,7 @@ def routed_counts(model, prompts):
     return counts, batch.input_ids.shape[1]
 
 
+@pytest.mark.slow
 def test_a_routed_expert_is_refused_per_invoke_even_with_exactly_batch_size_tokens(family_paths):
     model = load(family_paths, "switch")
     candidates = ["ab", "xyz", "hello", "zz", "Paris", "The cat", "qq qq", "a"]
@@ -141,6 +142,7 @@ def test_a_routed_expert_is_refused_per_invoke_even_with_exactly_batch_size_toke
     assert "num_beams" not in message, "the error must not blame an option that was not passed"
 
 
+@pytest.mark.slow
 def test_a_routed_expert_adapts_the_whole_batch_from_an_empty_invoke(family_paths):
     model = load(family_paths, "switch")
     path = "encoder.block.1.layer.1.mlp.experts.expert_0"
@@ -176,6 +178,7 @@ def t5_with_adapters(family_paths):
     return model, paths, adapters
 
 
+@pytest.mark.slow  # generation on T5
 def test_t5_generation_scopes_encoder_and_decoder_adapters_per_invoke(family_paths):
     model, paths, adapters = t5_with_adapters(family_paths)
     settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)  # tiny T5 would stop at EOS at once
@@ -196,6 +199,7 @@ def test_t5_generation_scopes_encoder_and_decoder_adapters_per_invoke(family_pat
     assert torch.equal(reference[0], base[0])
 
 
+@pytest.mark.slow  # generation on T5
 def test_t5_steps_count_the_encoder_in_the_first_pass_and_retire_after_it(family_paths):
     """``steps=0``: the encoder's one run and the decoder's first pass, then the decoder module runs nnsight's controller."""
     model, paths, adapters = t5_with_adapters(family_paths)
@@ -236,6 +240,7 @@ def test_t5_steps_count_the_encoder_in_the_first_pass_and_retire_after_it(family
 # -- BERT: modules named `output` ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bert_output_dense_is_reached_by_lora_on_and_computes_what_hooks_do(family_paths, tmp_path):
     model = load(family_paths, "bert")
     adapters = LORA.on(model, ["output.dense"], r=4)
@@ -269,6 +274,7 @@ def test_bert_output_dense_is_reached_by_lora_on_and_computes_what_hooks_do(fami
     assert all(torch.equal(restored[p].WB, adapters[p].WB) for p in adapters)
 
 
+@pytest.mark.slow
 def test_bert_peft_adapter_on_query_and_dense_imports(family_paths, tmp_path):
     peft = pytest.importorskip("peft")
     model = load(family_paths, "bert")
@@ -303,6 +309,7 @@ BLOCKS = [
 ]
 
 
+@pytest.mark.slow  # a sweep of families
 @pytest.mark.parametrize("family,path", BLOCKS)
 def test_widths_of_a_block_resolve_in_every_family(family_paths, family, path):
     model = load(family_paths, family)

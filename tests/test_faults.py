@@ -136,7 +136,7 @@ def interrupted_saves(gpt2, tmp_path, monkeypatch, fmt, crash):
             return
 
 
-@pytest.mark.parametrize("crash", [False, True], ids=["interrupted", "crashed"])
+@pytest.mark.parametrize("crash", [pytest.param(False, id="interrupted"), pytest.param(True, id="crashed", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_an_interrupted_save_loads_as_the_old_or_the_new_adapter(gpt2, tmp_path, monkeypatch, fmt, crash):
     outcomes = []
@@ -149,6 +149,7 @@ def test_an_interrupted_save_loads_as_the_old_or_the_new_adapter(gpt2, tmp_path,
     assert outcomes[0] == "old" and outcomes[-1] == "new"
 
 
+@pytest.mark.slow  # every step of a save, per format
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_the_next_save_cleans_up_after_a_crashed_one(gpt2, tmp_path, monkeypatch, fmt):
     build, save, load = FORMATS[fmt]

@@ -31,6 +31,7 @@ def test_greedy_generation_equals_the_reference_token_for_token(model, family):
     assert torch.equal(ids, expected)
 
 
+@pytest.mark.slow  # generate loops
 def test_only_the_invoke_that_called_it_is_adapted(model, family):
     lora = adapted(model, family)
     prompts = [PROMPT, PROMPT[::-1]]
@@ -45,6 +46,7 @@ def test_only_the_invoke_that_called_it_is_adapted(model, family):
     assert_row_generated(ids[1], hf_generate(model, prompts[1], NEW)[0], model)
 
 
+@pytest.mark.slow  # generate loops
 def test_each_invoke_can_carry_its_own_adapter(model, family):
     first, second = adapted(model, family, seed=1), adapted(model, family, seed=2)
     prompts = [PROMPT, PROMPT.upper()]
@@ -59,6 +61,7 @@ def test_each_invoke_can_carry_its_own_adapter(model, family):
     assert_row_generated(ids[1], reference(model, family, second, prompts[1], alpha=0.5)[0], model)
 
 
+@pytest.mark.slow
 def test_an_empty_invoke_adapts_the_whole_batch(gpt2):
     lora = adapted(gpt2, "gpt2")
     prompts = [PROMPT, PROMPT.upper()]
@@ -86,6 +89,7 @@ def test_one_adapter_twice_on_the_same_rows_is_refused(gpt2):
                 lora()
 
 
+@pytest.mark.slow
 def test_code_after_the_call_runs_at_every_step(gpt2):
     lora = adapted(gpt2, "gpt2")
     with gpt2.generate(PROMPT, max_new_tokens=NEW, do_sample=False) as tracer:
@@ -98,6 +102,7 @@ def test_code_after_the_call_runs_at_every_step(gpt2):
     assert torch.equal(ids, reference(gpt2, "gpt2", lora, PROMPT))
 
 
+@pytest.mark.slow
 def test_calling_it_at_every_step_does_not_apply_it_twice(gpt2):
     lora = adapted(gpt2, "gpt2")
     with gpt2.generate(PROMPT, max_new_tokens=NEW, do_sample=False) as tracer:
@@ -152,6 +157,7 @@ def test_bad_steps_are_refused(gpt2, steps):
             lora(steps=steps)
 
 
+@pytest.mark.slow
 def test_a_call_after_the_module_ran_warns_and_acts_from_the_next_step(gpt2):
     lora = adapted(gpt2, "gpt2")
     with pytest.warns(UserWarning, match="had already run in this forward pass"):

@@ -1,5 +1,6 @@
 """Gradients reach WA/WB and equal those of the plain torch reference; training works."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TARGETS, envoy_at, hf_logits, randomize
@@ -43,6 +44,7 @@ def test_gradients_from_a_loss_after_the_trace_equal_the_reference(model, family
     torch.testing.assert_close(lora.WB.grad, expected_b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradients_from_a_loss_inside_the_trace_equal_the_reference(gpt2):
     path = TARGETS["gpt2"]["mlp"]
     lora = LORA(envoy_at(gpt2, path), r=4)
@@ -69,6 +71,7 @@ def test_a_fresh_adapter_gets_a_gradient_on_wb_only(gpt2):
     assert torch.count_nonzero(lora.WB.grad) > 0
 
 
+@pytest.mark.slow
 def test_only_the_adapted_invokes_rows_send_gradient(gpt2):
     lora = LORA(gpt2.transformer.h[0].mlp, r=4)
     randomize(lora)
@@ -86,6 +89,7 @@ def test_only_the_adapted_invokes_rows_send_gradient(gpt2):
     torch.testing.assert_close(other, hf_logits(gpt2, PROMPT.upper()), rtol=1e-5, atol=1e-5)  # the other invoke is the base model
 
 
+@pytest.mark.slow  # a training loop
 def test_a_training_loop_lowers_the_loss_and_teaches_the_target(gpt2):
     torch.manual_seed(0)
     lora = LORA(gpt2.transformer.h[0].mlp, r=8)

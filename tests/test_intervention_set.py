@@ -46,6 +46,7 @@ def hooks(gpt2, batch, pairs):
         yield
 
 
+@pytest.mark.slow  # trace and generate
 def test_a_mix_equals_the_hooks_in_trace_and_generation(gpt2):
     lora, reft, steer = mix(gpt2)
     f_lora, f_reft, f_steer = formulas(lora, reft, steer)
@@ -67,6 +68,7 @@ def test_a_mix_equals_the_hooks_in_trace_and_generation(gpt2):
         assert torch.equal(ids, raw_generate(gpt2, batch, 5))
 
 
+@pytest.mark.slow
 def test_switched_on_in_reverse_forward_order_without_out_of_order_error(gpt2):
     lora, reft, steer = mix(gpt2)
     with gpt2.trace(PROMPTS):
@@ -82,6 +84,7 @@ def test_switched_on_in_reverse_forward_order_without_out_of_order_error(gpt2):
     torch.testing.assert_close(logits[real], expected[real])
 
 
+@pytest.mark.slow
 def test_two_on_one_module_apply_in_the_order_they_were_switched_on(gpt2):
     lora, reft, steer = mix(gpt2)
     _, f_reft, f_steer = formulas(lora, reft, steer)
@@ -102,6 +105,7 @@ def test_two_on_one_module_apply_in_the_order_they_were_switched_on(gpt2):
     torch.testing.assert_close(results[(reft, steer)][real], reft_then_steer[real])
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_member(gpt2):
     lora, reft, steer = mix(gpt2)
     interventions = InterventionSet([lora, reft, steer])

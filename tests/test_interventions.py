@@ -102,6 +102,7 @@ def built(gpt2, cls, path=LAYER, seed=0):
 KINDS = [SteeringVector, LoReFT, DiReFT]
 
 
+@pytest.mark.slow  # a grid of kinds x positions
 @pytest.mark.parametrize("positions", [None, [0, 1, -2, -1]], ids=repr)
 @pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.__name__)
 def test_trace_logits_equal_the_reference(gpt2, cls, positions):
@@ -120,6 +121,7 @@ def test_trace_logits_equal_the_reference(gpt2, cls, positions):
     torch.testing.assert_close(logits[real], expected[real])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.__name__)
 def test_only_the_invoke_that_called_it_is_changed(gpt2, cls):
     ours, formula = built(gpt2, cls)
@@ -248,6 +250,7 @@ def orthonormality_error(Rt):
     return float((Rt.T @ Rt - torch.eye(Rt.shape[1])).abs().max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [LoReFT, DiReFT], ids=lambda c: c.__name__)
 def test_R_stays_orthonormal_through_adamw_with_weight_decay(gpt2, cls):
     ours = cls(gpt2.get(LAYER), r=4)
@@ -285,6 +288,7 @@ def test_loreft_ships_to_a_remote_server_and_copies(gpt2):
     assert clone.module is ours.module and torch.equal(clone.R, ours.R) and clone.R.data_ptr() != ours.R.data_ptr()
 
 
+@pytest.mark.slow
 def test_householder_would_not_hold_under_weight_decay():
     """Why `matrix_exp`: the same loop on pyreft's (default Householder) rotation drifts from orthonormal.
 
@@ -391,6 +395,7 @@ def test_a_parametrized_source_tensor_is_used_as_parametrized(gpt2, cls, name):
         torch.testing.assert_close(ours.intervene(h, None, 1.0), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # a grid of kinds x dtypes
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.__name__)
 def test_every_dtype_builds_and_trains(gpt2, cls, dtype):
@@ -405,6 +410,7 @@ def test_every_dtype_builds_and_trains(gpt2, cls, dtype):
     assert all(p.grad is not None and p.grad.dtype == dtype for p in ours.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.__name__)
 def test_a_float32_intervention_on_a_bf16_model(cls):
     from nnsight_toolbox.testing import load_tiny_model

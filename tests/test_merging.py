@@ -16,8 +16,8 @@ PROMPT = "The Eiffel Tower is in"
 #: (family, HF module name): Conv1D and Linear, both non-square, and an untied embedding.
 MERGEABLE = [
     ("gpt2", "transformer.h.1.mlp.c_fc"),
-    ("llama", "model.layers.1.mlp.up_proj"),
-    ("llama", "model.embed_tokens"),
+    pytest.param("llama", "model.layers.1.mlp.up_proj", marks=pytest.mark.slow),
+    pytest.param("llama", "model.embed_tokens", marks=pytest.mark.slow),
 ]
 
 
@@ -62,6 +62,7 @@ def test_merge_equals_the_adapter_and_unmerge_restores_the_base(model_paths, fam
     assert torch.equal(hf_logits(model, PROMPT), base)
 
 
+@pytest.mark.slow  # a generate loop
 def test_merged_generation_equals_the_adapter_token_for_token(gpt2):
     lora = LORA(gpt2.transformer.h[1].mlp.c_fc, r=4)
     randomize(lora, scale=1.0)

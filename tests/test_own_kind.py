@@ -93,6 +93,7 @@ def test_it_acts_on_every_generated_token(gpt2):
     assert not torch.equal(ids, hf_generate(gpt2, PROMPTS[0], 4))
 
 
+@pytest.mark.slow
 def test_its_gradient_is_the_hooks(gpt2):
     scale = trained(gpt2, seed=3)
     with gpt2.trace(PROMPTS[0]):

@@ -5,7 +5,7 @@ from collections.abc import Mapping
 
 import pytest
 import torch
-from conftest import envoy_at, load, randomize
+from conftest import envoy_at, family_params, load, randomize
 from nnsight import TransformersModel
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
@@ -46,7 +46,7 @@ def transformers_model(path, **kwargs):
     return TransformersModel(path, task="text-generation", tokenizer=tokenizer, dispatch=True, **kwargs)
 
 
-@pytest.fixture(params=["gpt2", "llama"])
+@pytest.fixture(params=family_params(["gpt2", "llama"]))
 def exported(request, model_paths, tmp_path):
     """(family, base path, nnsight logits with `lora(ALPHA)`, the adapters, the PEFT directory)."""
     family_name = request.param

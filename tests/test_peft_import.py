@@ -72,6 +72,7 @@ def traced_logits(model, loras) -> torch.Tensor:
     return logits[mask.bool()]
 
 
+@pytest.mark.slow  # PEFT trains first: seconds per case
 @pytest.mark.parametrize("family_name", ["gpt2", "llama"])
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_a_peft_trained_adapter_reproduces_peft(model_paths, tmp_path, family_name, use_rslora):
@@ -95,6 +96,7 @@ def test_a_peft_trained_adapter_reproduces_peft(model_paths, tmp_path, family_na
     torch.testing.assert_close(traced_logits(model, [loras]), expected, rtol=1e-5, atol=1e-5)  # one call for all
 
 
+@pytest.mark.slow  # seconds
 def test_an_import_is_a_set_that_saves_merges_and_trains(model_paths, tmp_path):
     """`import_peft` returns a `LoraSet`: the whole adapter saves, merges and trains as one."""
     path = model_paths["llama"]
@@ -128,6 +130,7 @@ def test_export_then_import_is_bitwise(gpt2, tmp_path):
         assert torch.equal(back.WA, original.WA) and torch.equal(back.WB, original.WB)
 
 
+@pytest.mark.slow  # seconds
 def test_imported_adapters_are_in_eval_mode_with_peft_dropout(model_paths, tmp_path):
     directory = train_with_peft(model_paths["gpt2"], tmp_path / "t", "gpt2")
     loras = import_peft(load(model_paths["gpt2"]), directory)
@@ -147,6 +150,7 @@ def test_an_import_onto_a_meta_model_builds_cpu_adapters(model_paths, tmp_path):
     torch.testing.assert_close(traced_logits(meta, loras.values()), peft_logits(path, directory, meta.tokenizer), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # seconds
 def test_a_saved_base_embedding_must_be_the_models_own(model_paths, tmp_path):
     """PEFT saves a targeted embedding's base weight; if it differs, PEFT would swap it in."""
     path = model_paths["llama"]

@@ -9,7 +9,7 @@ merging against PEFT's `merge_and_unload`.
 
 import pytest
 import torch
-from conftest import load
+from conftest import family_params, load
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,7 +66,7 @@ def traced_logits(model, adapters, prompts=PROMPTS):
     return logits[mask.bool()]
 
 
-@pytest.fixture(params=["gpt2", "llama"])
+@pytest.fixture(params=family_params(["gpt2", "llama"]))
 def family_name(request):
     return request.param
 
@@ -87,6 +87,7 @@ def paths(model_paths, tmp_path_factory):
     return {**model_paths, "gpt2": str(folder)}
 
 
+@pytest.mark.slow  # PEFT trains first: seconds per case
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_peft_variant_reproduces_peft(paths, tmp_path, family_name, case):
     path = paths[family_name]
@@ -156,6 +157,7 @@ def test_the_dora_formula_is_what_is_tested(paths, tmp_path):
     assert not torch.allclose(traced_logits(model, adapters), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # PEFT trains first
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_export_then_peft_then_import_round_trips(paths, tmp_path, case):
     path = paths["gpt2"]
@@ -240,6 +242,7 @@ def test_a_module_copy_needs_a_module_computed_from_its_first_input(gpt2):
         ModuleCopy(gpt2.transformer.h[0].attn)
 
 
+@pytest.mark.slow
 def test_dora_and_copies_import_onto_a_model_not_loaded_yet(paths, tmp_path):
     from nnsight import LanguageModel
 

@@ -48,6 +48,7 @@ def test_the_reference_batch_is_the_one_nnsight_runs(gpt2):
         torch.testing.assert_close(ours[real], raw_logits(gpt2, batch)[real])
 
 
+@pytest.mark.slow  # a sweep of specs
 @pytest.mark.parametrize("positions", SPECS, ids=repr)
 def test_trace_logits_equal_the_hook_at_every_real_position(gpt2, positions):
     lora = lora_on(gpt2)
@@ -63,6 +64,7 @@ def test_trace_logits_equal_the_hook_at_every_real_position(gpt2, positions):
     assert not torch.allclose(ours[real], everywhere[real]), "a choice of positions should differ from every position"
 
 
+@pytest.mark.slow  # seconds
 @pytest.mark.parametrize("positions", [[0, 1, -2, -1], slice(-1, None)], ids=repr)
 def test_gradients_equal_the_hook(gpt2, positions):
     lora = lora_on(gpt2)
@@ -78,6 +80,7 @@ def test_gradients_equal_the_hook(gpt2, positions):
     torch.testing.assert_close(lora.WB.grad, WB.grad)
 
 
+@pytest.mark.slow  # a generate loop per case
 @pytest.mark.parametrize("positions", [None, [0, 1, -2, -1], slice(-1, None), -1, slice(-1, None, 2), [0, 3]], ids=repr)
 def test_greedy_generation_with_the_cache_equals_the_hook(gpt2, positions):
     """``[0, 3]``: the row "Hi" (2 tokens) is adapted at its first token and its second generated one."""
@@ -93,6 +96,7 @@ def test_greedy_generation_with_the_cache_equals_the_hook(gpt2, positions):
     assert torch.equal(ids, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, last", [(None, -1), (-1, None)], ids=["every token, then the last", "the last, then every token"])
 def test_a_repeat_call_in_the_same_invoke_replaces_the_positions(gpt2, first, last):
     """The invoke's last call wins, both ways: a call with `positions=` narrows a plain one, and a plain one widens it."""

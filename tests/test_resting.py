@@ -100,6 +100,7 @@ def generate_both_ways(gpt2, lora, positions, new_tokens=5):
     return kinds, ids, expected
 
 
+@pytest.mark.slow  # a generate loop
 def test_a_generation_step_past_the_prompt_runs_nnsights_own_controller(gpt2):
     """The point of resting: after the prefill, the module costs what nnsight costs; the tokens still equal the hook's."""
     kinds, ids, expected = generate_both_ways(gpt2, lora_on(gpt2, seed=3), PROMPT_ONLY)
@@ -109,6 +110,7 @@ def test_a_generation_step_past_the_prompt_runs_nnsights_own_controller(gpt2):
     assert torch.equal(ids, expected)
 
 
+@pytest.mark.slow  # a generate loop
 def test_a_position_past_some_rows_prompt_keeps_the_module_awake(gpt2):
     """Position 3 of "Hi" (2 tokens) is its second generated token: the module must not rest."""
     kinds, ids, expected = generate_both_ways(gpt2, lora_on(gpt2, seed=3), [0, 3])
@@ -237,6 +239,7 @@ def steps_both_ways(gpt2, switch_on, hooks, new_tokens):
     return kinds, ids, expected
 
 
+@pytest.mark.slow  # a generate loop
 def test_after_its_last_step_the_module_runs_nnsights_own_controller(gpt2):
     """``steps=0``: the prefill only. Pass 1 finds the step behind and retires the package's controller."""
     lora = lora_on(gpt2, seed=3)
@@ -247,6 +250,7 @@ def test_after_its_last_step_the_module_runs_nnsights_own_controller(gpt2):
     assert torch.equal(ids, expected)
 
 
+@pytest.mark.slow
 def test_a_pass_between_chosen_steps_keeps_the_controller(gpt2):
     """``steps={1, 3}``: pass 2 acts on nothing but pass 3 still does, so only pass 4 retires it."""
     lora = lora_on(gpt2, seed=3)
@@ -255,6 +259,7 @@ def test_a_pass_between_chosen_steps_keeps_the_controller(gpt2):
     assert torch.equal(ids, expected)
 
 
+@pytest.mark.slow
 def test_a_switch_on_after_the_controller_retired_installs_it_again(gpt2):
     """``steps=0``, then the same LoRA again at the end of pass 2 with ``steps=3``: it acts at passes 0 and 3."""
     lora = lora_on(gpt2, seed=3)

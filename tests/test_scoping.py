@@ -61,6 +61,7 @@ def test_a_later_trace_without_the_call_is_not_adapted(gpt2):
     assert torch.equal(plain, hf_logits(gpt2, PROMPT))
 
 
+@pytest.mark.slow  # a loop of traces
 def test_many_traces_do_not_accumulate_state(gpt2):
     lora = LORA(gpt2.transformer.h[0].mlp, r=4)
     for _ in range(30):
@@ -107,6 +108,7 @@ def train_once(gpt2, path="transformer.h.0.mlp"):
     return weakref.ref(lora), weakref.ref(lora.WB.grad)
 
 
+@pytest.mark.slow
 def test_a_deleted_adapter_and_its_gradients_are_freed_before_its_module_runs_again(gpt2):
     adapter, grad = train_once(gpt2)
     assert isinstance(installed_forward(gpt2.transformer.h[0].mlp), AdapterController)  # has not run since
@@ -114,6 +116,7 @@ def test_a_deleted_adapter_and_its_gradients_are_freed_before_its_module_runs_ag
     assert adapter() is None and grad() is None
 
 
+@pytest.mark.slow  # a loop of traces
 def test_building_and_dropping_adapters_in_a_loop_does_not_grow(gpt2):
     paths = ["transformer.h.0.mlp", "transformer.h.1.mlp", "transformer.h.0.attn.c_attn"]
     refs = [train_once(gpt2, paths[i % len(paths)]) for i in range(9)]
@@ -122,6 +125,7 @@ def test_building_and_dropping_adapters_in_a_loop_does_not_grow(gpt2):
     assert all(len(getattr(installed_forward(gpt2.get(path)), "activations", [])) <= 1 for path in paths)
 
 
+@pytest.mark.slow
 def test_an_adapter_nobody_else_holds_still_acts_for_its_whole_run(gpt2):
     """The run keeps an adapter alive: a temporary adapter must not vanish mid-generation."""
     from conftest import hf_generate, reference_hook

@@ -51,6 +51,7 @@ def test_a_saved_set_loads_onto_a_fresh_model_and_computes_what_hooks_do(model_p
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_set_loads_onto_a_model_whose_weights_are_not_loaded_yet(model_paths, tmp_path):
     from nnsight import LanguageModel
     from transformers import AutoTokenizer
@@ -67,6 +68,7 @@ def test_a_set_loads_onto_a_model_whose_weights_are_not_loaded_yet(model_paths, 
     torch.testing.assert_close(set_logits(meta, loaded), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mixed_ranks_dtypes_and_targets_round_trip_bit_for_bit(gpt2, tmp_path):
     adapters = mixed_set(gpt2)
     adapters.eval()
@@ -244,6 +246,7 @@ def weights(model):
     return {name: p.detach().clone() for name, p in model._module.named_parameters()}
 
 
+@pytest.mark.slow
 def test_a_merged_set_computes_the_unmerged_set_and_unmerges_bit_for_bit(gpt2):
     adapters = randomized(LORA.on(gpt2, ["c_attn", "c_fc"], r=4), scale=2.0)
     before = weights(gpt2)

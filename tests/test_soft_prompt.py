@@ -82,6 +82,7 @@ def randomized(gpt2, seed=0):
     return soft
 
 
+@pytest.mark.slow
 def test_left_padded_batch_and_gradients_equal_the_hook(gpt2):
     soft = randomized(gpt2)
     prompts = [PLACEHOLDER + p for p in PROMPTS]
@@ -103,6 +104,7 @@ def test_left_padded_batch_and_gradients_equal_the_hook(gpt2):
     torch.testing.assert_close(soft.embeddings.grad, vectors.grad)
 
 
+@pytest.mark.slow  # a generate loop
 def test_greedy_generation_equals_the_hook(gpt2):
     soft = randomized(gpt2, seed=1)
     prompts = [PLACEHOLDER + p for p in PROMPTS]

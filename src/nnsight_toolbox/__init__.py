@@ -6,6 +6,8 @@ ships its code with the request and runs on an NDIF server that does not have
 this package installed.
 
 Examples:
+    `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
     >>> from nnsight_toolbox import LORA
     >>> lora = LORA(model.transformer.h[0].mlp, r=8)
 """

@@ -11,6 +11,9 @@ runs there against the server's copy of the model. For an adapter this means:
   ``lora.load_state_dict(...)``.
 
 Examples:
+    `model` here is a GPT-2 that an NDIF server serves, loaded with ``TransformersModel(..., task="text-generation")``,
+    and `lora` is `LORA(model.transformer.h[0].mlp, r=8)`.
+
     >>> from nnsight_toolbox.remote import save_weights
     >>> with model.session(remote=True):
     ...     optimizer = torch.optim.AdamW(lora.parameters(), lr=1e-2)
@@ -55,6 +58,9 @@ def save_weights(adapter: torch.nn.Module) -> dict[str, torch.Tensor]:
         RuntimeError: If called outside ``model.session(...)`` or ``model.trace(...)``.
 
     Examples:
+        `model` here is a GPT-2 that an NDIF server serves, loaded with ``TransformersModel(..., task="text-generation")``,
+        and `lora` is `LORA(model.transformer.h[0].mlp, r=8)`.
+
         >>> with model.session(remote=True):
         ...     ...                       # a training loop
         ...     weights = save_weights(lora)
@@ -94,6 +100,9 @@ def check_shippable(obj: Any) -> None:
             naming the path and what the traced model has there.
 
     Examples:
+        `lora` here is `LORA(model.transformer.h[0].mlp, r=8)`, on `model = load_tiny_model()`,
+        a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
         >>> check_shippable(lora)   # passes: importing nnsight_toolbox registered it
     """
     cls = type(obj)

@@ -6,6 +6,8 @@
 - `merging`: folding an adapter into its layer's weight and back out.
 
 Examples:
+    `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
     >>> c_fc = LORA(model.transformer.h[0].mlp.c_fc, r=8)
     >>> c_fc.save("adapters/c_fc")
     >>> c_fc = LORA.load("adapters/c_fc", model.transformer.h[0].mlp.c_fc)

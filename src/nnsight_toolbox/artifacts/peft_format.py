@@ -176,6 +176,8 @@ def export_peft(
         ValueError: Adapters on different models, two on one module, or NaN/Inf weights.
 
     Examples:
+        `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
         >>> c_fc = LORA(model.transformer.h[0].mlp.c_fc, r=8)
         >>> export_peft(c_fc, "peft-adapter", alpha=2.0)
         PosixPath('peft-adapter')
@@ -447,6 +449,8 @@ def import_peft(
             or a tensor that does not fit the model; the message names the file.
 
     Examples:
+        `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
         >>> export_peft(LORA(model.transformer.h[0].mlp.c_fc, r=8), "peft-adapter")  # or PEFT's save_pretrained
         PosixPath('peft-adapter')
         >>> loras = import_peft(model, "peft-adapter")

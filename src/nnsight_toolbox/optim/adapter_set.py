@@ -86,6 +86,8 @@ class LoraSet(InterventionSet, Mapping):
             none inside another's module.
 
     Examples:
+        `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
         >>> adapters = LoraSet([LORA(model.transformer.h[0].mlp, r=4), LORA(model.transformer.h[1].mlp, r=4)])
         >>> with model.trace("Hello"):
         ...     adapters(alpha=0.5)

@@ -339,6 +339,8 @@ class RotatedSpace(RotationBase):
         output_dim: The width ``d``, for a module whose width cannot be inferred.
 
     Examples:
+        `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
         >>> from nnsight_toolbox import RotatedSpace
         >>> das = RotatedSpace(model.transformer.h[1], k=8)
         >>> optimizer = torch.optim.AdamW(das.parameters(), lr=1e-2)
@@ -476,6 +478,8 @@ class BoundlessRotatedSpace(_Tempered):
         output_dim: The width ``d``, for a module whose width cannot be inferred.
 
     Examples:
+        `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
         >>> from nnsight_toolbox import BoundlessRotatedSpace
         >>> das = BoundlessRotatedSpace(model.transformer.h[1])
         >>> with model.trace() as tracer:
@@ -549,6 +553,8 @@ class SigmoidMaskRotatedSpace(_Tempered):
         output_dim: The width ``d``, for a module whose width cannot be inferred.
 
     Examples:
+        `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
         >>> from nnsight_toolbox import SigmoidMaskRotatedSpace
         >>> das = SigmoidMaskRotatedSpace(model.transformer.h[1])
         >>> with model.trace() as tracer:

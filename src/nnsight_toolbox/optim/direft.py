@@ -23,6 +23,8 @@ class DiReFT(ReftBase):
     Same arguments, keys and orthonormal ``R`` as `LoReFT`.
 
     Examples:
+        `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
         >>> from nnsight_toolbox import DiReFT
         >>> reft = DiReFT(model.transformer.h[1], r=4)
         >>> with model.generate("Hello", max_new_tokens=3) as tracer:

@@ -63,6 +63,8 @@ class DoRA(LORA):
             adapter changes nothing until trained.
 
     Examples:
+        `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
         >>> dora = DoRA(model.transformer.h[0].mlp.c_fc, r=4)
         >>> optimizer = torch.optim.AdamW(dora.parameters(), lr=1e-2)   # WA, WB and the magnitude
         >>> with model.trace("Hello"):

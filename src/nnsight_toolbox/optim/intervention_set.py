@@ -49,6 +49,8 @@ class InterventionSet(Optimization):
         interventions: The members, in the order the set switches them on.
 
     Examples:
+        `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
         >>> from nnsight_toolbox import InterventionSet, LoReFT, SteeringVector
         >>> mix = InterventionSet([LORA(model.transformer.h[0].mlp.c_fc, r=4), LoReFT(model.transformer.h[1], r=2)])
         >>> optimizer = torch.optim.AdamW(mix.parameters(), lr=1e-2)

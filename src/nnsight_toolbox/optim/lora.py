@@ -82,6 +82,8 @@ class LORA(ModuleIntervention):
         bias: ``torch.nn.Parameter`` of shape ``(output_dim,)`` with ``bias=True``, else ``None``.
 
     Examples:
+        `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
         >>> lora = LORA(model.transformer.h[0].mlp, r=8)
         >>> optimizer = torch.optim.AdamW(lora.parameters(), lr=1e-2)
         >>> with model.trace("The Eiffel Tower is in"):

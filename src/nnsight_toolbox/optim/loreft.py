@@ -245,6 +245,8 @@ class LoReFT(ReftBase):
         output_dim: The width ``d``, for a module whose width cannot be inferred.
 
     Examples:
+        `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
         >>> from nnsight_toolbox import LoReFT
         >>> reft = LoReFT(model.transformer.h[1], r=4)
         >>> optimizer = torch.optim.AdamW(reft.parameters(), lr=1e-2)

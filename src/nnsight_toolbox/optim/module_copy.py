@@ -52,6 +52,8 @@ class ModuleCopy(ModuleIntervention):
             only (``nn.Linear``, ``nn.Embedding``, a norm, a classification head).
 
     Examples:
+        `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
         >>> head = ModuleCopy(model.lm_head)
         >>> optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2)
         >>> with model.trace("Hello"):

@@ -30,6 +30,8 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
     rebuilt methods have no ``__class__`` cell for ``super()`` to read.
 
     Examples:
+        `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
         >>> lora = LORA(model.transformer.h[0].mlp, r=8)      # an Optimization
         >>> optimizer = torch.optim.AdamW(lora.parameters(), lr=1e-3)
         >>> with model.trace("The Eiffel Tower is in"):

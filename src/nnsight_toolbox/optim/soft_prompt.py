@@ -46,6 +46,8 @@ class SoftPrompt(ModuleIntervention):
         output_dim: The embedding width, for a module whose width cannot be inferred.
 
     Examples:
+        `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
         >>> from nnsight_toolbox import SoftPrompt
         >>> soft = SoftPrompt(model.transformer.wte, n=4)
         >>> prompt = "####The Eiffel Tower is in"          # 4 placeholder tokens, then the text

@@ -37,6 +37,8 @@ class SteeringVector(ModuleIntervention):
         output_dim: The output width, for a module whose width cannot be inferred.
 
     Examples:
+        `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
         >>> from nnsight_toolbox import SteeringVector
         >>> steer = SteeringVector(model.transformer.h[0])
         >>> optimizer = torch.optim.AdamW(steer.parameters(), lr=1e-2)
