@@ -211,7 +211,7 @@ def test_the_models_own_call_stays_adapted_after_a_logit_lens_and_the_lens_compu
     lens_head = nonzero_lora(gpt2.lm_head)
     with gpt2.trace(PROMPT):
         base = gpt2.lm_head.output.save()
-    with pytest.warns(UserWarning, match=r"called `model.lm_head` itself.*computes the module's base function"):
+    with pytest.warns(UserWarning, match=r"Your own code ran `model.lm_head` inside the trace.*computes the module's base function"):
         with gpt2.trace(PROMPT):
             lens_head()
             hidden = gpt2.transformer.h[0].output[:, -1]

@@ -247,8 +247,9 @@ class AdapterController(Controller):
             if not activation.warned_own_call:
                 activation.warned_own_call = True
                 warnings.warn(
-                    f"Your code called `{self.path}` itself inside the trace (as a logit lens "
-                    f"does), while an intervention is switched on there. That call computes "
+                    f"Your own code ran `{self.path}` inside the trace (by calling it, or a module "
+                    f"that holds it, as a logit lens does) while an intervention is switched on "
+                    f"there. That call computes "
                     f"the module's base function: interventions act on the model's own calls "
                     f"only, which stay adapted. To see the adaptation in your own call, "
                     f"`merge()` it first (LoRA, DoRA), or apply it yourself to the call's output.",
