@@ -63,6 +63,25 @@ def test_an_intervention_on_a_module_the_forward_never_calls_raises_at_the_end_o
     assert "Put the intervention on a module the forward calls" in str(error.value)
 
 
+def test_a_set_that_acted_may_hold_members_whose_module_never_ran_and_one_that_did_not_raises():
+    """As a set on every expert of an MoE layer meets experts no token reached: the set acted."""
+    from nnsight_toolbox import InterventionSet
+
+    torch.manual_seed(0)
+    model = NNsight(TwoBranches())
+    used = nonzero_lora(model.used, r=2)
+    both = InterventionSet([used, LORA(model.unused, r=2)])
+    x = torch.randn(2, 8)
+    with model.trace(x):
+        both()
+        got = model.output.save()
+    torch.testing.assert_close(got.detach(), model._module.used(x) + x @ used.WA.detach() @ used.WB.detach())
+    neither = InterventionSet([LORA(model.unused, r=2), SteeringVector(model.unused)])
+    with pytest.raises(RuntimeError, match=r"These interventions acted on nothing in this run:\n- `interventions\(\)` on `model.unused`"):
+        with model.trace(x):
+            neither()
+
+
 def test_a_container_is_refused_with_the_layer_to_pick_instead(gpt2):
     for build in (lambda: SteeringVector(gpt2.transformer.h), lambda: SteeringVector(gpt2.transformer.h, output_dim=32), lambda: LORA(gpt2.transformer.h, r=2)):
         with pytest.raises(TypeError, match=r"ModuleList, which the model's forward never calls.*`model.transformer.h\[0\]`"):

@@ -75,14 +75,31 @@ def _check_at_end(interleaver: "Interleaver", batcher: Any) -> None:
 
 
 def check_run(batcher: Any, interleaver: "Interleaver") -> None:
-    """Raise a `RuntimeError` naming every watched activation of the run that acted on nothing."""
+    """Raise a `RuntimeError` naming every watched activation of the run that acted on nothing.
+
+    One exception: a member of a collection switched on in one call
+    (``adapters()``, ``interventions()``) whose module never ran, while another
+    member of that call acted. A set on every expert of a mixture-of-experts
+    layer meets routed experts that no token of the run reached; the set acted.
+    """
     notes = batcher.__dict__.get(NOTE) or {}
-    failures = [why_not(activation, path, ran_before, notes) for activation, path, ran_before in notes.get(WATCH, ()) if not activation.acted]
+    watched = notes.get(WATCH, ())
+    acted_groups = {activation.group for activation, _, _ in watched if activation.acted and activation.group is not None}
+    failures = [
+        why_not(activation, path, ran_before, notes)
+        for activation, path, ran_before in watched
+        if not activation.acted and not (activation.group in acted_groups and _never_ran(activation, path))
+    ]
     if failures:
         many = len(failures) > 1
         raise RuntimeError(
             ("These interventions acted on nothing in this run:\n- " + "\n- ".join(failures)) if many else failures[0]
         )
+
+
+def _never_ran(activation: "Activation", path: str) -> bool:
+    mediator = activation.mediator()
+    return mediator is None or mediator.occurrence(f"{path}.input") == 0
 
 
 def why_not(activation: "Activation", path: str, ran_before: int, notes: dict) -> str:

@@ -78,7 +78,7 @@ class Activation:
     worker when the run ends (`Interleaver.cancel`).
     """
 
-    __slots__ = ("_adapter", "alpha", "steps", "last_pass", "finished", "positions", "rows", "plain", "mediator", "worker", "root_input", "calls", "calls_pass", "source", "acted", "warned_own_call", "what")
+    __slots__ = ("_adapter", "alpha", "steps", "last_pass", "finished", "positions", "rows", "plain", "mediator", "worker", "root_input", "calls", "calls_pass", "source", "acted", "warned_own_call", "what", "group")
 
     def __init__(
         self, adapter: Any, alpha: float, steps: Any, mediator: "Mediator", root_input: str, positions: PositionSpec | None = None, rows: list | None = None
@@ -99,6 +99,7 @@ class Activation:
         self.acted = False  # acted on some token of some pass: a run that ends with it False raises (see `acted`)
         self.warned_own_call = False  # warned that the user's own call of the module was not adapted (`stood_down`)
         self.what = "the intervention"  # the call that switched it on (`lora()`), for messages
+        self.group = None  # the collection call (`adapters()`) that switched it on with others, if any (see `acted`)
 
     def update(self, alpha: float, steps: Any, positions: PositionSpec | None) -> None:
         """Set the options of the call that switched it on (a repeat call from the same invoke sets them anew)."""
@@ -632,6 +633,7 @@ def activate_many(
     rows = mediator.batch_group if interleaver.batcher is not None and interleaver.batcher.batching else None
     root_input = passes = None
     checked = noted = False  # positions checked, and the run's sequence lengths noted, once per call
+    group = object() if len(switches) > 1 else None  # a collection's members, for the run's-end check (`acted`)
     for adapter, envoy, positions in switches:
         if envoy.interleaver is not interleaver:
             raise RuntimeError(
@@ -651,7 +653,7 @@ def activate_many(
             _note_lengths_of_run(envoy, interleaver)
             noted = True
         controller = _adapter_controller(envoy)
-        is_new = _switch_on(controller, adapter, alpha, steps, mediator, rows, root_input, envoy.path, positions, what)
+        is_new = _switch_on(controller, adapter, alpha, steps, mediator, rows, root_input, envoy.path, positions, what, group)
         if positions is not None:
             Standby.of(interleaver.batcher.__dict__.setdefault(NOTE, {})).enrol(controller)
         if is_new and passes:
@@ -698,6 +700,7 @@ def _switch_on(
     path: str,
     positions: PositionSpec | None = None,
     what: str = "the intervention",
+    group: Any = None,
 ) -> bool:
     """Add (or update) ``adapter``'s activation for ``mediator``; whether it is new."""
     interleaver = mediator.interleaver
@@ -721,7 +724,7 @@ def _switch_on(
                 f"call it in only one of the two invokes."
             )
     activation = Activation(adapter, alpha, steps, mediator, root_input, positions, rows)
-    activation.what = what
+    activation.what, activation.group = what, group
     controller.activations.append(activation)
     watch(activation, interleaver, path)  # a run that ends with it having acted on nothing raises (see `acted`)
     return True
