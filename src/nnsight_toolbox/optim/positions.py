@@ -53,7 +53,7 @@ class PromptPositions:
             ``PromptPositions(-1, prompt_lengths=lengths)`` picks what ``-1`` does.
 
     Examples:
-        ``model`` here is `nnsight_toolbox.testing.load_tiny_model`'s 32-wide tiny GPT-2.
+        `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
 
         >>> from nnsight_toolbox import SteeringVector
         >>> steer = SteeringVector(model.transformer.h[0])
