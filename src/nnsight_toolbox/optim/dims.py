@@ -120,17 +120,20 @@ def scan_many_dims(envoys: "list[Envoy]", kind: str = "LORA", reads_input: bool 
         raise _cannot_infer(first, f"a scan on fake tensors failed ({_summary(scan_error)}), and so did a real run on a few tokens ({_summary(error)})", kind, reads_input) from error
 
 
-def scan_inputs(hf_model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """A few token ids that fit ``hf_model``, as keyword inputs, or ``None`` without a config to build them from."""
+def scan_inputs(hf_model: torch.nn.Module, rows: int = 1, tokens: int = 8, decoder_tokens: int = 2) -> dict[str, torch.Tensor] | None:
+    """``rows`` x ``tokens`` token ids that fit ``hf_model``, as keyword inputs, or ``None`` without a config to build them from.
+
+    The default, 8 tokens of one row, reaches most routed experts; an encoder-decoder also gets ``decoder_tokens`` decoder ids.
+    """
     config = getattr(hf_model, "config", None)
     vocab = getattr(config, "vocab_size", None)
     if not isinstance(vocab, int) or vocab < 1:
         return None
-    ids = (torch.arange(1, 9) % vocab).unsqueeze(0)  # (1, 8): enough tokens to reach most routed experts
+    ids = (torch.arange(1, 1 + rows * tokens) % vocab).reshape(rows, tokens)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if getattr(config, "is_encoder_decoder", False):
         start = next((t for t in (getattr(config, "decoder_start_token_id", None), getattr(config, "pad_token_id", None)) if isinstance(t, int)), 0)
-        inputs["decoder_input_ids"] = torch.full((1, 2), start)
+        inputs["decoder_input_ids"] = torch.full((rows, decoder_tokens), start)
     return inputs
 
 

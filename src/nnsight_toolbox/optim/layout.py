@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .dims import first_tensor
+from .dims import first_tensor, scan_inputs
 
 if TYPE_CHECKING:
     from nnsight.intervention.envoy import Envoy
@@ -80,7 +80,7 @@ def scan_axes(root: "Envoy") -> dict[str, Any]:
     """Every module's output batch axis, from one nnsight scan of ``root``'s model; empty if the scan cannot run."""
     if root.interleaver.interleaving:
         return {}
-    inputs = _scan_inputs(root._module)
+    inputs = scan_inputs(root._module, SCAN_ROWS, SCAN_TOKENS, SCAN_DECODER_TOKENS)
     if inputs is None:
         return {}
     paths = [envoy.path for envoy in root.modules() if envoy is not root]
@@ -120,16 +120,3 @@ def _real_run_axes(root: "Envoy", inputs: dict[str, torch.Tensor]) -> dict[str, 
         for handle in handles:
             handle.remove()
     return seen
-
-
-def _scan_inputs(hf_model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    config = getattr(hf_model, "config", None)
-    vocab = getattr(config, "vocab_size", None)
-    if not isinstance(vocab, int) or vocab < 2:
-        return None
-    ids = torch.arange(1, 1 + SCAN_ROWS * SCAN_TOKENS).reshape(SCAN_ROWS, SCAN_TOKENS) % vocab
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if getattr(config, "is_encoder_decoder", False):
-        start = next((t for t in (getattr(config, "decoder_start_token_id", None), getattr(config, "pad_token_id", None)) if isinstance(t, int)), 0)
-        inputs["decoder_input_ids"] = torch.full((SCAN_ROWS, SCAN_DECODER_TOKENS), start)
-    return inputs
