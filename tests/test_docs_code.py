@@ -135,7 +135,7 @@ REMOTE_PAGES = {"docs/guides/remote.md": "tests/remote/test_remote_guide.py"}
 QUICKSTARTS = ["README.md", "docs/index.md"]
 
 
-@pytest.mark.slow  # each page is a whole program; together about a quarter of the quick subset's time
+@pytest.mark.slow  # each page is a whole program, so the quick subset (`-m "not slow"`) leaves them out
 @pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=relative)
 def test_page_code_runs_top_to_bottom(page, tmp_path, monkeypatch):
     if relative(page) in REMOTE_PAGES:

@@ -78,6 +78,8 @@ class ModuleIntervention(Optimization):
     then works for the new kind.
 
     Examples:
+        `model` here is `load_tiny_model()`, a 32-wide tiny GPT-2 wrapped in nnsight (`nnsight_toolbox.testing`).
+
         >>> from nnsight_toolbox import ModuleIntervention
         >>> class ChannelScale(ModuleIntervention):
         ...     def __init__(self, module, *, dtype=torch.float32, output_dim=None):
