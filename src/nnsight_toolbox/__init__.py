@@ -18,6 +18,7 @@ import nnsight
 
 from ._version import __version__
 from .artifacts import export_peft, import_peft
+from . import optim
 from .batched import BatchedNNsight
 from .optim import (
     LORA,
@@ -37,27 +38,8 @@ from .optim import (
     SteeringVector,
 )
 
-__all__ = [
-    "LORA",
-    "LoraSet",
-    "DoRA",
-    "ModuleCopy",
-    "Optimization",
-    "ModuleIntervention",
-    "SteeringVector",
-    "SoftPrompt",
-    "LoReFT",
-    "DiReFT",
-    "InterventionSet",
-    "RotatedSpace",
-    "BoundlessRotatedSpace",
-    "SigmoidMaskRotatedSpace",
-    "PromptPositions",
-    "BatchedNNsight",
-    "export_peft",
-    "import_peft",
-    "__version__",
-]
+#: The interventions and collections (`optim`'s names), then the model wrapper and PEFT's interop.
+__all__ = [*optim.__all__, "BatchedNNsight", "export_peft", "import_peft", "__version__"]
 
 
 def _readable_signatures() -> None:
