@@ -280,26 +280,12 @@ class RotationBase(ModuleIntervention):
             >>> torch.equal(a.R, b.R)
             True
         """
-        name = type(self).__name__
         pyvene = PYVENE_ORIGINAL in state_dict or PYVENE_BASE in state_dict
         d = self.output_dim
         expected = {PYVENE_ORIGINAL: (d, d), PYVENE_BASE: (d, d)} if pyvene else {"rotate_layer": (d, d)}
         expected.update(self._own_shapes(pyvene))
         optional = {"embed_dim", "interchange_dim"} if pyvene else set()  # pyvene's buffers, checked below
-        missing = [k for k in expected if k not in state_dict]
-        unexpected = sorted(k for k in state_dict if k not in expected and k not in optional)
-        if missing or (strict and unexpected):
-            raise KeyError(
-                f"`{name}.load_state_dict` takes {'pyvene' if pyvene else 'its own'} keys "
-                f"{sorted(expected)}; missing {missing or 'none'}, unexpected {unexpected or 'none'}. "
-                f"Pass `state_dict()` of a `{name}`, or of pyvene's matching intervention."
-            )
-        for key, shape in expected.items():
-            if tuple(state_dict[key].shape) != shape:
-                raise ValueError(
-                    f"`{key}` has shape {tuple(state_dict[key].shape)}, but this {name} on `{self.path}` "
-                    f"(width {d}) needs {shape}. Were the weights trained on a module of another width?"
-                )
+        self._check_state_dict(state_dict, strict, expected, optional, also="pyvene's matching intervention")
         if pyvene and "embed_dim" in state_dict and int(state_dict["embed_dim"]) != d:
             raise ValueError(f"pyvene's `embed_dim` is {int(state_dict['embed_dim'])}, but `{self.path}` is {d} wide.")
         self._check_pyvene_extras(state_dict, pyvene)

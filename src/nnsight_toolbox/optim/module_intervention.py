@@ -302,29 +302,36 @@ class ModuleIntervention(Optimization):
 
     # -- state: checked before anything is copied -----------------------------------
 
-    def _check_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+    def _check_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, expected: Mapping[str, tuple] | None = None, optional: Any = (), also: str = ""
+    ) -> None:
         """Refuse ``state_dict`` unless every key and shape fits; changes nothing.
 
         `load_state_dict` and a collection's call it before any tensor is
-        copied. A kind whose `load_state_dict` takes other keys (`LoReFT`:
-        pyreft's) overrides both.
+        copied. ``expected`` maps each key the load needs to its shape (this
+        intervention's own `state_dict()` by default); a kind that also takes a
+        reference library's keys (the DAS swaps: pyvene's) passes those, the
+        keys it checks itself as ``optional``, and names the other source in
+        ``also`` (``"pyvene's matching intervention"``).
         """
-        own = self.state_dict()
-        missing = sorted(k for k in own if k not in state_dict)
-        unexpected = sorted(k for k in state_dict if k not in own)
+        name = type(self).__name__
+        if expected is None:
+            expected = {key: tuple(value.shape) for key, value in self.state_dict().items()}
+        missing = sorted(k for k in expected if k not in state_dict)
+        unexpected = sorted(k for k in state_dict if k not in expected and k not in optional)
         if missing or (strict and unexpected):
             raise KeyError(
-                f"`{type(self).__name__}.load_state_dict` on `{self.path}` takes the keys {sorted(own)}; "
+                f"`{name}.load_state_dict` on `{self.path}` takes the keys {sorted(expected)}; "
                 f"missing {missing or 'none'}, unexpected {unexpected or 'none'}. Pass the `state_dict()` "
-                f"of a `{type(self).__name__}` built with the same options."
+                f"of a `{name}` built with the same options{', or of ' + also if also else ''}."
             )
-        for key, value in own.items():
+        for key, shape in expected.items():
             given = state_dict[key]
-            if not isinstance(given, torch.Tensor) or tuple(given.shape) != tuple(value.shape):
+            if not isinstance(given, torch.Tensor) or tuple(given.shape) != tuple(shape):
                 shown = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
                 raise ValueError(
-                    f"`{type(self).__name__}.load_state_dict` on `{self.path}`: `{key}` has shape {shown}, "
-                    f"but this one needs {tuple(value.shape)} ({self.extra_repr()}). Build it with the "
+                    f"`{name}.load_state_dict` on `{self.path}`: `{key}` has shape {shown}, "
+                    f"but this one needs {tuple(shape)} ({self.extra_repr()}). Build it with the "
                     f"options the weights were trained with."
                 )
 
