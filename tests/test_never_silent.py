@@ -107,12 +107,40 @@ def test_a_run_stopped_early_is_not_checked(gpt2):
     assert hidden.shape[:2] == (1, 10)
 
 
+def hooked_steps(gpt2, module, add, steps=3, prompt=PROMPT):
+    """Each pass's last-token logits of ``generate`` with a plain torch hook that adds ``add(pass_index, hidden)``."""
+    seen = []
+
+    def hook(_, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden + add(len(seen), hidden)
+        seen.append(1)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = module._module.register_forward_hook(hook)
+    try:
+        logits = []
+        with gpt2.generate(prompt, max_new_tokens=steps) as tracer:
+            for _ in tracer.iter[:steps]:
+                logits.append(gpt2.lm_head.output[:, -1])
+    finally:
+        handle.remove()
+    return logits
+
+
 def test_an_intervention_that_acted_on_some_pass_does_not_raise(gpt2):
+    """`steps=1` with two passes acts on the second only, as a hook on that pass does, and the run ends quietly."""
     vector = steering(gpt2.transformer.h[0])
+    logits = []
     with gpt2.generate(PROMPT, max_new_tokens=2) as tracer:
         vector(steps=1)
-        out = tracer.result.save()
-    assert out.shape == (1, 12)
+        for _ in tracer.iter[:2]:
+            logits.append(gpt2.lm_head.output[:, -1])
+    expected = hooked_steps(gpt2, gpt2.transformer.h[0], lambda step, h: vector.v.detach() if step == 1 else torch.zeros(()), steps=2)
+    torch.testing.assert_close(logits[0], expected[0])
+    torch.testing.assert_close(logits[1], expected[1])
+    unsteered = hooked_steps(gpt2, gpt2.transformer.h[0], lambda step, h: torch.zeros(()), steps=2)
+    assert not torch.allclose(logits[1], unsteered[1])  # the second pass was steered
 
 
 # ---------------------------------------------------------------------------
@@ -169,10 +197,32 @@ def test_a_position_reached_by_a_generated_token_acts_and_matches_a_hook(gpt2):
 
 
 def test_a_second_row_that_reaches_a_position_is_enough(gpt2):
-    """One row's prompt lacks position 7, which a generated token reaches; the other row has it."""
+    """One row's prompt lacks position 7 and the run ends before a generated token reaches it; the other row has it."""
     vector = steering(gpt2.transformer.h[0])
-    with gpt2.generate(["abcdefghij", "abcde"], max_new_tokens=1):
+    prompts = ["abcdefghij", "abcde"]
+    with gpt2.generate(prompts, max_new_tokens=1):
         vector(positions=7)
+        logits = gpt2.lm_head.output.save()  # the prefill, the only pass
+    inputs = gpt2.tokenizer(prompts, return_tensors="pt", padding=True)
+    real = inputs["attention_mask"].bool()
+    column = int(real[0].nonzero()[7])  # row 0's position 7 among its real tokens
+    inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # as `generate` counts a padded row's
+
+    def hook(_, args, output):
+        hidden = (output[0] if isinstance(output, tuple) else output).clone()
+        hidden[0, column] += vector.v.detach()  # row 0 only: row 1 has 5 tokens
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    with torch.no_grad():
+        unsteered = gpt2._module(**inputs).logits
+    handle = gpt2.transformer.h[0]._module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            expected = gpt2._module(**inputs).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(logits[:, -1], expected[:, -1])  # generate keeps the last token's logits only
+    assert not torch.allclose(logits[0, -1], unsteered[0, -1])  # row 0 was steered
 
 
 # ---------------------------------------------------------------------------
