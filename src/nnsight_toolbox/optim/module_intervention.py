@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 import torch
 import torch.nn.functional as F
 
-from .activation import Steps, activate_many, check_alpha, current_mediator, normalize_steps
+from .activation import Steps, activate_many, check_alpha, current_mediator, normalize_steps, row_alphas
 from .dims import infer_dims
 from .kinds import register
 from .layout import batch_axis
@@ -276,9 +276,11 @@ class ModuleIntervention(Optimization):
             return f"To change every run without a trace, merge it into the weights instead: `{type(self).__name__.lower()}.merge()`."
         return ""
 
-    def _check_alpha(self, alpha: Any) -> float:
-        """``alpha`` as a float, or a refusal that names this kind's call."""
-        return check_alpha(alpha, self.call_name, self.alpha_means)
+    def _check_alpha(self, alpha: Any) -> Any:
+        """``alpha`` as a float (or one per row, for a kind that takes that: `grouped`), or a refusal that names this kind's call."""
+        if isinstance(alpha, (int, float)):
+            return check_alpha(alpha, self.call_name, self.alpha_means)
+        return row_alphas(alpha, (type(self),), self.call_name, self.alpha_means)
 
     def _width_error(self, output: torch.Tensor) -> ValueError:
         """The refusal for an output whose width is not the one the intervention was built for.
