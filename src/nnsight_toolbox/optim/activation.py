@@ -168,6 +168,10 @@ class AdapterController(Controller):
         # `activations` by id of their adapter, rebuilt once per run (see `_switch_on`).
         self.by_adapter: dict = {}
         self.pruned_for: Any = None  # the run (its batcher, weakly) `activations` were last pruned for
+        # `grouped.plan` of each set of live activations seen since the last switch-on (see `add_deltas`).
+        self.plans: dict = {}
+        # Outside autograd, the last group's stacked parameters, kept across runs (see `grouped.Group.stack`).
+        self.stacks: Any = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         state = self.state
@@ -279,6 +283,7 @@ class AdapterController(Controller):
             a for a in self.activations if not a.finished and interleaver is not None and a.live_mediator(interleaver) is not None
         ]
         self.pruned_for = None  # `by_adapter` is rebuilt at the next switch-on
+        self.plans = {}
         if self.noting is not None and (interleaver is None or self.noting_for() is not interleaver.batcher):
             self.noting = self.noting_for = None  # that run has ended
         if not self.activations and self.noting is None:
@@ -343,15 +348,21 @@ def add_deltas(
     cloned = False
     spans = None  # (output, input) dim-0 entries per batch row; see `rows.row_span`
     # Several of one kind on their own rows (or one alpha per row): one computation (see `grouped`).
-    steps = live if len(live) == 1 and type(live[0].alpha) is float else grouped.plan(live)
+    if len(live) == 1 and type(live[0].alpha) is float:
+        steps = live
+    else:  # planned once per run and set of live activations (see `_switch_on`, which clears the plans)
+        key = tuple(live)
+        steps = controller.plans.get(key)
+        if steps is None:
+            steps = controller.plans[key] = grouped.plan(live)
     for step in steps:
-        if type(step) is list:
+        if type(step) is grouped.Group:
             changed = grouped.apply(step, adapted, target, x, batcher, controller)
             if changed is not None:
                 if changed is not adapted:
                     adapted, cloned = changed, False
                 continue
-        for activation in step if type(step) is list else (step,):  # one by one: a single, or a group whose layout `grouped` does not take
+        for activation in step.members if type(step) is grouped.Group else (step,):  # one by one: a single, or a group whose layout `grouped` does not take
             adapted, cloned, spans = _apply_one(activation, adapted, cloned, spans, target, x, batcher, controller)
     return adapted if output is target else replace_first_tensor(output, adapted)
 
@@ -755,6 +766,8 @@ def _switch_on(
     # each invoke's switch-on then costs the lookup of its adapter, not a pass over
     # every invoke's activations (K x K at K invokes).
     batcher = interleaver.batcher
+    if controller.plans:
+        controller.plans = {}  # what is live on the module changes: plan it again (see `add_deltas`)
     if controller.pruned_for is None or controller.pruned_for() is not batcher:
         controller.activations = [a for a in controller.activations if a.live_mediator(interleaver) is not None]
         by_adapter: dict = {}

@@ -47,6 +47,7 @@ experts) the same refusal applies as for one activation (`check_batch_axis`,
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,7 +57,7 @@ from .rows import NOTE
 if TYPE_CHECKING:
     from .activation import Activation, AdapterController
 
-__all__ = ["plan", "apply", "opts_in", "check_row_alphas"]
+__all__ = ["Group", "plan", "apply", "opts_in", "check_row_alphas"]
 
 #: The key, in the run's notes (`rows.NOTE`), of the group caches: stacks and row indices.
 GROUPED = "grouped"
@@ -106,15 +107,71 @@ def check_row_alphas(alpha: Any, call: str, means: str) -> torch.Tensor:
     return values
 
 
-def plan(live: list["Activation"]) -> list:
-    """``live`` in application order, with the activations that can be one computation gathered into lists.
+class Group:
+    """Members of one kind and key, on disjoint rows, applied as one computation; what it needs, kept for the run.
 
-    A list holds members of one kind and key (see the module's docstring) on
+    Made by `plan` and kept with it on the module's controller for the run.
+    A group none of whose members has ``positions=`` acts on the same rows
+    with the same alphas every pass, so its row index and alphas are worked
+    out once; its stack is kept until a parameter changes (`stacked`).
+    """
+
+    __slots__ = ("members", "fixed", "pieces", "index", "scale", "tensors", "versions", "stacked")
+
+    def __init__(self, members: list) -> None:
+        self.members = members
+        self.fixed = False  # set by `plan` once the members are known
+        self.pieces = None  # a fixed group's pieces (see `apply`)
+        self.index = None  # a fixed group's (member, rows)
+        self.scale = None  # a fixed group's scale: False until worked out
+        self.tensors = None  # the stacked tensors, and their versions, when stacked
+        self.versions = None
+        self.stacked = None
+
+    def stack(self, controller: Any) -> tuple:
+        """The members' `_grouped_parameters`, stacked along a new dim 0; kept until one is replaced or changed in place.
+
+        Kept for the run on the group, and, outside autograd, across runs on the
+        module's controller too (the parameters held weakly, the stack a copy
+        with no graph): an inference loop over the same sets stacks them once.
+        Each use compares every parameter's identity and ``_version`` with those
+        it was stacked from, so an optimizer step or an in-place edit is seen.
+        """
+        tensors = []
+        for member in self.members:
+            tensors.extend(member._adapter()._grouped_parameters())
+        grad = torch.is_grad_enabled()
+        old, versions, stacked = self.tensors, self.versions, self.stacked
+        if old is None and not grad and controller.stacks is not None:
+            refs, versions, stacked = controller.stacks
+            old = [ref() for ref in refs]
+        if old is not None and versions[0] is grad and len(old) == len(tensors):
+            same = True
+            for i, tensor in enumerate(tensors):
+                if tensor is not old[i] or tensor._version != versions[i + 1]:
+                    same = False
+                    break
+            if same:
+                self.tensors, self.versions, self.stacked = tensors, versions, stacked
+                return stacked
+        width = len(tensors) // len(self.members)
+        self.stacked = tuple(torch.stack(tensors[j::width]) for j in range(width))
+        self.tensors = tensors
+        self.versions = [grad, *(tensor._version for tensor in tensors)]
+        if not grad:
+            controller.stacks = ([weakref.ref(tensor) for tensor in tensors], self.versions, self.stacked)
+        return self.stacked
+
+
+def plan(live: list["Activation"]) -> list:
+    """``live`` in application order, with the activations that can be one computation gathered into `Group`s.
+
+    A group holds members of one kind and key (see the module's docstring) on
     disjoint rows. It stands where its first member stood: each later member
     joins it only if no activation of a kind that does not opt in, standing
     between them, acts on that member's rows (those need not commute with
-    it); otherwise it starts a new list. A list of one with one alpha is given
-    back as the activation itself, which takes the per-activation path.
+    it); otherwise it starts a new group. A group of one with one alpha is
+    given back as the activation itself, which takes the per-activation path.
     """
     steps: list = []
     groups: dict = {}  # key -> [members, starts, whole, barrier starts, barrier whole]
@@ -137,59 +194,46 @@ def plan(live: list["Activation"]) -> list:
                         entry[3].add(rows[0])
             continue
         entry = groups.get(key)
-        if entry is not None:
-            # Invokes hold disjoint rows, so rows of two invokes overlap only if one is the whole batch.
-            joins = rows is not None and not entry[2] and not entry[4] and rows[0] not in entry[1] and rows[0] not in entry[3]
-            if joins:
-                entry[0].append(activation)
-                entry[1].add(rows[0])
-                continue
-        members = [activation]
-        groups[key] = [members, set() if rows is None else {rows[0]}, rows is None, set(), False]
-        steps.append(members)
+        # Invokes hold disjoint rows, so rows of two invokes overlap only if one is the whole batch.
+        if entry is not None and rows is not None and not entry[2] and not entry[4] and rows[0] not in entry[1] and rows[0] not in entry[3]:
+            entry[0].members.append(activation)
+            entry[1].add(rows[0])
+            continue
+        group = Group([activation])
+        groups[key] = [group, set() if rows is None else {rows[0]}, rows is None, set(), False]
+        steps.append(group)
     for index, step in enumerate(steps):
-        if type(step) is list and len(step) == 1 and type(step[0].alpha) is float:
-            steps[index] = step[0]
+        if type(step) is Group:
+            if len(step.members) == 1 and type(step.members[0].alpha) is float:
+                steps[index] = step.members[0]
+            else:
+                step.fixed = all(member.positions is None for member in step.members)
     return steps
 
 
-def apply(
-    members: list["Activation"], adapted: torch.Tensor, target: torch.Tensor, x: Any, batcher: Any, controller: "AdapterController"
-) -> torch.Tensor | None:
-    """``adapted`` with every member applied on its rows and positions in one computation.
+def apply(group: Group, adapted: torch.Tensor, target: torch.Tensor, x: Any, batcher: Any, controller: "AdapterController") -> torch.Tensor | None:
+    """``adapted`` with every member of ``group`` applied on its rows and positions in one computation.
 
     ``None`` where this pass's layout is one the group does not compute on:
     the caller then applies the members one by one. A member with one alpha
     per row has no such fallback, and is refused with the reason instead.
     """
-    from .activation import _chosen_tokens, _row_spans, check_batch_axis  # a cycle at import time
+    from .activation import _row_spans, check_batch_axis  # a cycle at import time
 
+    members = group.members
     total = batcher.total
-    device = target.device
-    pieces = []  # (index in the group, start, size, chosen, alpha)
-    masked = False
-    for index, activation in enumerate(members):
-        start, size = activation.rows if activation.rows is not None else (0, total)
-        spec = activation.positions
-        chosen = True if spec is None else _chosen_tokens(spec, start, size, device, batcher, controller)
-        if chosen is False:
-            continue  # none of this pass's tokens
-        alpha = activation.alpha
-        if type(alpha) is not float and alpha.shape[0] != size:
-            raise ValueError(
-                f"`{activation.what}` on `{controller.path}` was given {alpha.shape[0]} alphas, one per "
-                f"row, but its invoke has {size} row(s) in this run. Give one alpha per prompt of the "
-                f"invoke, or one number for all of them."
-            )
-        masked = masked or chosen is not True
-        pieces.append((index, start, size, chosen, alpha))
-    if not pieces:
-        return adapted
+    pieces = group.pieces if group.fixed else None
+    if pieces is None:
+        pieces = _pieces(members, total, target.device, batcher, controller)
+        if not pieces:
+            return adapted
+        if group.fixed:
+            group.pieces = pieces
     leader = members[0]._adapter()
     check_batch_axis(leader, target, total, controller.path)
     out_span, in_span = _row_spans(target, x, batcher, controller)
     reads_input = getattr(leader, "reads_input", True)
-    width = (batcher.__dict__.get(NOTE) or {}).get("pass", (0, None))[1] if masked else None
+    width = None if group.fixed else (batcher.__dict__.get(NOTE) or {}).get("pass", (0, None))[1]
     why = _unfit(adapted, x, leader, out_span, width, reads_input)
     if why is not None:
         if any(type(alpha) is not float for *_, alpha in pieces):
@@ -203,17 +247,44 @@ def apply(
     d = adapted.shape[-1]
     out3 = adapted.reshape(total, -1, d) if out_span == 1 else adapted.reshape(total, out_span, d)
     x3 = x.reshape(total, out3.shape[1], x.shape[-1]) if reads_input else None
-    notes = batcher.__dict__.get(NOTE)
-    if notes is None:
-        notes = batcher.__dict__[NOTE] = {}
-    cache = notes.get(GROUPED)
-    if cache is None:
-        cache = notes[GROUPED] = {}
-    member, rows = _row_index(pieces, len(members), total, device, cache)
-    stacked = _stacked(members, controller, cache)
-    scale = _scale(pieces, stacked[0].dtype, device, out3.shape[1], cache)
+    stacked = group.stack(controller)
+    if group.fixed and group.index is not None:
+        (member, rows), scale = group.index, group.scale
+    else:
+        notes = batcher.__dict__.get(NOTE)
+        if notes is None:
+            notes = batcher.__dict__[NOTE] = {}
+        cache = notes.get(GROUPED)
+        if cache is None:
+            cache = notes[GROUPED] = {}
+        member, rows = _row_index(pieces, len(members), total, target.device, cache)
+        scale = _scale(pieces, stacked[0].dtype, target.device, out3.shape[1], cache)
+        if group.fixed:
+            group.index, group.scale = (member, rows), scale
     changed = leader._grouped_intervene(out3, x3, stacked, member, rows, scale)
     return changed.reshape(adapted.shape)
+
+
+def _pieces(members: list, total: int, device: torch.device, batcher: Any, controller: Any) -> list:
+    """``(index in the group, start, size, chosen, alpha)`` of each member that acts on some token of this pass."""
+    from .activation import _chosen_tokens  # a cycle at import time
+
+    pieces = []
+    for index, activation in enumerate(members):
+        start, size = activation.rows if activation.rows is not None else (0, total)
+        spec = activation.positions
+        chosen = True if spec is None else _chosen_tokens(spec, start, size, device, batcher, controller)
+        if chosen is False:
+            continue  # none of this pass's tokens
+        alpha = activation.alpha
+        if type(alpha) is not float and alpha.shape[0] != size:
+            raise ValueError(
+                f"`{activation.what}` on `{controller.path}` was given {alpha.shape[0]} alphas, one per "
+                f"row, but its invoke has {size} row(s) in this run. Give one alpha per prompt of the "
+                f"invoke, or one number for all of them."
+            )
+        pieces.append((index, start, size, chosen, alpha))
+    return pieces
 
 
 def _unfit(adapted: torch.Tensor, x: Any, leader: Any, out_span: int, width: int | None, reads_input: bool) -> str | None:
@@ -250,23 +321,6 @@ def _row_index(pieces: list, count: int, total: int, device: torch.device, cache
     rows = None if identity_rows else torch.tensor(row_list, device=device)
     cache[key] = (member, rows)
     return member, rows
-
-
-def _stacked(members: list, controller: Any, cache: dict) -> tuple:
-    """The members' `_grouped_parameters`, stacked along a new dim 0; cached for the run until one changes."""
-    tensors = [member._adapter()._grouped_parameters() for member in members]
-    signature = [torch.is_grad_enabled()]
-    for own in tensors:
-        for tensor in own:
-            signature.append(id(tensor))
-            signature.append(tensor._version)
-    key = ("stack", id(controller), *(id(member) for member in members))
-    found = cache.get(key)
-    if found is not None and found[0] == signature:
-        return found[1]
-    stacked = tuple(torch.stack(column) for column in zip(*tensors))
-    cache[key] = (signature, stacked)
-    return stacked
 
 
 def _scale(pieces: list, dtype: torch.dtype, device: torch.device, width: int, cache: dict) -> torch.Tensor | None:
