@@ -79,7 +79,7 @@ class Activation:
     worker when the run ends (`Interleaver.cancel`).
     """
 
-    __slots__ = ("_adapter", "alpha", "steps", "last_pass", "finished", "positions", "rows", "plain", "mediator", "worker", "root_input", "calls", "calls_pass", "source", "acted", "warned_own_call", "what", "group")
+    __slots__ = ("_adapter", "alpha", "steps", "last_pass", "finished", "positions", "rows", "plain", "mediator", "worker", "root_input", "calls", "calls_pass", "source", "acted", "warned_own_call", "what", "group", "group_key")
 
     def __init__(
         self, adapter: Any, alpha: float, steps: Any, mediator: "Mediator", root_input: str, positions: PositionSpec | None = None, rows: list | None = None
@@ -92,6 +92,7 @@ class Activation:
         # run, since nnsight batches every invoke before the model runs.
         self.rows = rows
         self.source = None  # a swap's source (`SwapSource` or a tensor), set by `activate_swap`; None for every other kind
+        self.group_key = None  # set by `update`
         self.update(alpha, steps, positions)
         self.mediator = weakref.ref(mediator)
         self.worker = weakref.ref(worker)
@@ -112,6 +113,9 @@ class Activation:
         # The whole batch, every token, no source to pair: nothing to narrow.
         # One alpha too: one per row (a tensor) is applied by `grouped`, which gives each row its own.
         self.plain = self.rows is None and positions is None and self.source is None and type(alpha) is float
+        # Which group it may join on a module with others (see `grouped.plan`), worked out here, where the
+        # adapter is at hand, not at the module's first pass; `None`: it goes one by one.
+        self.group_key = grouped.key_of(self._adapter(), self.rows, alpha)
 
     @property
     def adapter(self) -> Any:

@@ -74,6 +74,20 @@ def opts_in(kind: type) -> bool:
     return "_grouped_intervene" in kind.__dict__
 
 
+def key_of(adapter: Any, rows: Any, alpha: Any) -> tuple | None:
+    """``(kind, own key, dropout)`` of an activation that may join a group (`plan`), else ``None``.
+
+    ``None`` for a kind that does not opt in, for one activation on the whole
+    batch with one alpha (the per-activation path's plain case), and where the
+    kind's `_grouped_key` says so. Worked out at switch-on (`Activation.update`).
+    """
+    kind = type(adapter)
+    if "_grouped_intervene" not in kind.__dict__ or (rows is None and type(alpha) is float):
+        return None
+    own = adapter._grouped_key()
+    return None if own is None else (kind, own, bool(getattr(adapter, "dropout", 0.0)))
+
+
 def check_row_alphas(alpha: Any, call: str, means: str) -> torch.Tensor:
     """``alpha`` given as one value per row, as a 1-D float64 CPU tensor, or a clear `ValueError`.
 
@@ -176,17 +190,13 @@ def plan(live: list["Activation"]) -> list:
     steps: list = []
     groups: dict = {}  # key -> [members, starts, whole, barrier starts, barrier whole]
     for activation in live:
-        adapter = activation._adapter()
-        kind = type(adapter)
-        key = None
-        if "_grouped_intervene" in kind.__dict__ and activation.source is None and (activation.rows is not None or type(activation.alpha) is not float):
-            own = adapter._grouped_key()
-            if own is not None:
-                key = (kind, own)
+        key = activation.group_key if activation.source is None else None
+        if key is not None and key[2]:  # with dropout, whether it applies is read now: members must agree
+            key = (*key, activation._adapter().training)
         rows = activation.rows
         if key is None:
             steps.append(activation)
-            if "_grouped_intervene" not in kind.__dict__:  # may not commute with the groups' members: a barrier on its rows
+            if not opts_in(type(activation._adapter())):  # may not commute with the groups' members: a barrier on its rows
                 for entry in groups.values():
                     if rows is None:
                         entry[4] = True

@@ -442,8 +442,7 @@ class LORA(ModuleIntervention):
         WA = parameters.get("WA")
         if self.takes_ids or WA is None or parameters.get("WB") is None:  # token ids, or a parametrization
             return None
-        dropout = self.dropout if self.training else 0.0
-        return (self.r, self.input_dim, self.output_dim, WA.dtype, WA.device, self._has_bias, dropout)
+        return (self.r, self.input_dim, self.output_dim, WA.dtype, WA.device, self._has_bias, self.dropout)
 
     def _grouped_parameters(self) -> tuple[torch.Tensor, ...]:
         """The tensors `grouped` stacks: ``WA``, ``WB`` (and ``bias``)."""

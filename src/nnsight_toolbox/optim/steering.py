@@ -158,7 +158,7 @@ class SteeringVector(ModuleIntervention):
         v = self._parameters.get("v")
         if v is None:
             return None
-        return (self.output_dim, v.dtype, v.device, self.dropout if self.training else 0.0)
+        return (self.output_dim, v.dtype, v.device, self.dropout)
 
     def _grouped_parameters(self) -> tuple[torch.Tensor, ...]:
         """The tensor `grouped` stacks: ``v``."""
