@@ -267,10 +267,15 @@ def main(argv: list[str] | None = None) -> None:
                 calls["hook"] = hook_steering(raw, vectors, ids)
                 reference = "hook"
             results = {name: fn().float() for name, fn in calls.items()}
+            with torch.no_grad():
+                base = raw(ids).logits.float()
+            effect = float((results[reference] - base).abs().max())
+            if not effect > 1e-3:
+                raise SystemExit(f"{kind} K={k}: `{reference}` changes the logits by only {effect:.3g}: the agreement check would show nothing; nothing was timed.")
             worst = check_agreement(kind, k, results, reference)
             if kind == "lora":
                 check_agreement(kind, k, {n: v for n, v in results.items() if n != "peft-mixed"}, "hook")
-            print(f"{kind} K={k}: every row agrees with `{reference}` (max |diff| {max(worst.values(), default=0):.2g})", flush=True)
+            print(f"{kind} K={k}: every row agrees with `{reference}` (max |diff| {max(worst.values(), default=0):.2g}; the interventions change the logits by up to {effect:.2g})", flush=True)
             timings = time_interleaved({name: (fn, _nothing) for name, fn in calls.items()}, repeats=args.repeats, warmup=args.warmup, device="cpu", clock="cpu")
             for name, timing in timings.items():
                 record = dict(measure="forward", kind=kind, k=k, variant=name, median_ms=timing.median * 1e3, times_ms=[round(t * 1e3, 3) for t in timing.times], spread=round(timing.spread, 4))

@@ -294,7 +294,10 @@ class LORA(ModuleIntervention):
 
         Args:
             alpha: Scale of the low-rank term; a finite number. 0 switches the
-                adapter off for this invoke.
+                adapter off for this invoke. Or a 1-D sequence or tensor of
+                them, one per row of the invoke (``torch.linspace(0, 2, 16)`` in
+                an invoke of 16 prompts): a sweep of strengths in one batch, at
+                about the cost of one. Its length must be the invoke's rows.
             steps: Restrict it to some forward passes of the run: an int, a
                 ``slice`` (``slice(1, None)``: every generated token but not the
                 prefill), a ``range`` or an iterable of ints. Pass 0 is the
@@ -313,7 +316,8 @@ class LORA(ModuleIntervention):
         Raises:
             RuntimeError: Called outside a trace, in a trace of another model, by
                 two invokes of one run whose rows overlap, or while merged.
-            ValueError: ``alpha`` is not a finite number, ``steps`` holds
+            ValueError: ``alpha`` is not a finite number (nor one per row of the
+                invoke, each finite, as many as its rows), ``steps`` holds
                 something other than non-negative ints, or ``positions`` picks a
                 token some row of the invoke does not have.
 
@@ -336,6 +340,27 @@ class LORA(ModuleIntervention):
             >>> with model.generate("Hello", max_new_tokens=5) as tracer:
             ...     lora(positions=slice(-1, None))
             ...     ids = tracer.result.save()
+
+            One adapter at 16 strengths, one per row, in one forward:
+
+            >>> with model.trace(["Hello"] * 16):
+            ...     lora(alpha=torch.linspace(0, 2, 16))
+            ...     sweep = model.lm_head.output.save()
+            >>> sweep.shape[0]
+            16
+
+            Many adapters side by side, one per invoke, applied as one batched
+            computation on their module (see `nnsight_toolbox.optim.grouped`):
+
+            >>> checkpoints = [LORA(model.transformer.h[0].mlp, r=8) for _ in range(3)]
+            >>> with model.trace() as tracer:
+            ...     for k in range(3):
+            ...         with tracer.invoke("Hello"):
+            ...             checkpoints[k]()
+            ...     with tracer.invoke():
+            ...         logits = model.lm_head.output.save()
+            >>> logits.shape[0]
+            3
         """
         self._activate(alpha, steps, positions, self.call_name)
 

@@ -248,8 +248,17 @@ class ModuleIntervention(Optimization):
 
         Args:
             alpha: Scale of the intervention; 0 switches it off for this invoke.
+                `LORA` and `SteeringVector` also take a 1-D sequence or tensor
+                with one value per row of the invoke (a sweep of strengths in one
+                batch, at about the cost of one); its length must be the invoke's
+                rows (`ValueError` otherwise).
             steps: Restrict it to some forward passes (0 is the prefill).
             positions: Restrict it to some tokens of each row; ``None``: every token.
+
+        Several invokes of one trace, each switching on its own intervention of
+        one kind on a module, are applied as one batched computation (see
+        `nnsight_toolbox.optim.grouped`): comparing many side by side costs about
+        what one does.
 
         Examples:
             >>> from nnsight_toolbox import SteeringVector
@@ -257,6 +266,14 @@ class ModuleIntervention(Optimization):
             >>> with model.generate("Hello", max_new_tokens=3) as tracer:
             ...     steer(alpha=4.0, positions=slice(-1, None))
             ...     ids = tracer.result.save()
+
+            One vector at four strengths, one per row of the batch:
+
+            >>> with model.trace(["Hello", "Hello", "Hello", "Hello"]):
+            ...     steer(alpha=torch.tensor([0.0, 1.0, 2.0, 4.0]))
+            ...     logits = model.lm_head.output.save()
+            >>> logits.shape[0]
+            4
         """
         self._activate(alpha, steps, positions, self.call_name)
 
