@@ -121,7 +121,7 @@ def toolbox_steering(package, model, vectors: list[torch.Tensor], ids: torch.Ten
     for per_layer in vectors:
         members = []
         for layer in range(layers):
-            vector = package.SteeringVector(model.transformer.h[layer])
+            vector = package.SteeringVector(model.transformer.h[layer], output_dim=per_layer.shape[-1])
             with torch.no_grad():
                 vector.v.copy_(per_layer[layer])
             members.append(vector)

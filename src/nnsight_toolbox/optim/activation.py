@@ -86,7 +86,9 @@ class Activation:
     ) -> None:
         self._adapter = weakref.ref(adapter)
         worker = mediator.worker
-        kept = worker.__dict__.setdefault("nnsight_toolbox_adapters", [])  # greenlets take attributes
+        kept = worker.__dict__.get("nnsight_toolbox_adapters")  # greenlets take attributes
+        if kept is None:
+            kept = worker.__dict__["nnsight_toolbox_adapters"] = []
         kept.append(adapter)
         # The invoke's rows [start, size] of the run's batch, None for all of it: fixed for the
         # run, since nnsight batches every invoke before the model runs.
