@@ -315,18 +315,22 @@ def test_a_parameter_changed_between_runs_is_seen(gpt2):
         assert torch.allclose(logits, reference, atol=1e-5)
         results.append(logits)
     assert not torch.allclose(results[0][1], results[1][1])
-    adapters[0].WB = torch.nn.Parameter(adapters[0].WB.detach() * 2)  # replaced: a new tensor
-    with torch.no_grad():
-        with gpt2.trace() as tracer:
-            for k in range(2):
-                with tracer.invoke(prompts[k]):
-                    adapters[k]()
-            with tracer.invoke():
-                logits = gpt2.lm_head.output.save()
-        deltas = [lora_delta(adapters[0].WA.detach(), adapters[0].WB.detach()), lora_delta(adapters[1].WA.detach(), adapters[1].WB.detach())]
-        with per_row_hook(gpt2._module.get_submodule(PATH), deltas):
-            reference = traced_logits(gpt2, prompts)
-    assert torch.allclose(logits, reference, atol=1e-5)
+    for change in ("replaced", "data"):
+        if change == "replaced":
+            adapters[0].WB = torch.nn.Parameter(adapters[0].WB.detach() * 2)  # a new tensor
+        else:
+            adapters[0].WB.data = adapters[0].WB.detach() * -1.5  # the same tensor and `_version`, new storage
+        with torch.no_grad():
+            with gpt2.trace() as tracer:
+                for k in range(2):
+                    with tracer.invoke(prompts[k]):
+                        adapters[k]()
+                with tracer.invoke():
+                    logits = gpt2.lm_head.output.save()
+            deltas = [lora_delta(adapters[0].WA.detach(), adapters[0].WB.detach()), lora_delta(adapters[1].WA.detach(), adapters[1].WB.detach())]
+            with per_row_hook(gpt2._module.get_submodule(PATH), deltas):
+                reference = traced_logits(gpt2, prompts)
+        assert torch.allclose(logits, reference, atol=1e-5), change
 
 
 @pytest.mark.parametrize("kind", ["lora", "steering"])

@@ -9,7 +9,7 @@ grow with K. Here they are one computation:
 
 - their parameters are stacked, ``(K, ...)`` (`stacked`: kept for the run,
   rebuilt when a parameter is replaced or changed in place, read from its
-  ``_version``; gradients flow through ``torch.stack`` to each member's own
+  identity, ``_version`` and storage; gradients flow through ``torch.stack`` to each member's own
   parameters);
 - each row of the batch is given its member (a gather of the stack; none for
   rows no member acts on, which stay as they are);
@@ -148,8 +148,9 @@ class Group:
         Kept for the run on the group, and, outside autograd, across runs on the
         module's controller too (the parameters held weakly, the stack a copy
         with no graph): an inference loop over the same sets stacks them once.
-        Each use compares every parameter's identity and ``_version`` with those
-        it was stacked from, so an optimizer step or an in-place edit is seen.
+        Each use compares every parameter's identity, ``_version`` and storage
+        with those it was stacked from, so an optimizer step, an in-place edit
+        or a ``param.data = ...`` is seen.
         """
         tensors = []
         for member in self.members:
@@ -162,7 +163,8 @@ class Group:
         if old is not None and versions[0] is grad and len(old) == len(tensors):
             same = True
             for i, tensor in enumerate(tensors):
-                if tensor is not old[i] or tensor._version != versions[i + 1]:
+                # `_version` counts in-place writes; `param.data = ...` keeps it but moves the storage
+                if tensor is not old[i] or tensor._version != versions[2 * i + 1] or tensor.data_ptr() != versions[2 * i + 2]:
                     same = False
                     break
             if same:
@@ -171,7 +173,11 @@ class Group:
         width = len(tensors) // len(self.members)
         self.stacked = tuple(torch.stack(tensors[j::width]) for j in range(width))
         self.tensors = tensors
-        self.versions = [grad, *(tensor._version for tensor in tensors)]
+        versions = [grad]
+        for tensor in tensors:
+            versions.append(tensor._version)
+            versions.append(tensor.data_ptr())
+        self.versions = versions
         if not grad:
             controller.stacks = ([weakref.ref(tensor) for tensor in tensors], self.versions, self.stacked)
         return self.stacked
@@ -243,7 +249,8 @@ def apply(group: Group, adapted: torch.Tensor, target: torch.Tensor, x: Any, bat
     check_batch_axis(leader, target, total, controller.path)
     out_span, in_span = _row_spans(target, x, batcher, controller)
     reads_input = getattr(leader, "reads_input", True)
-    width = None if group.fixed else (batcher.__dict__.get(NOTE) or {}).get("pass", (0, None))[1]
+    masked = not group.fixed and any(piece[3] is not True for piece in pieces)  # some member's positions pick some tokens only
+    width = (batcher.__dict__.get(NOTE) or {}).get("pass", (0, None))[1] if masked else None
     why = _unfit(adapted, x, leader, out_span, width, reads_input)
     if why is not None:
         if any(type(alpha) is not float for *_, alpha in pieces):
