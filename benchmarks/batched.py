@@ -316,6 +316,9 @@ def markdown(records: list[dict]) -> str:
         "Ratios are medians over rounds of the round's ratio. Every row's logits were checked against PEFT and the hook (`torch.allclose`) before timing.",
         "",
     ]
+    if meta.get("baseline"):
+        lines += [f"**over baseline toolbox**: over the package loaded from `{meta['baseline']}` (before this change), timed in the same rounds on its own copy of the model.", ""]
+    lines += ["The (±x%) after a time is half the spread of its rounds over their median: read ratios that differ by less as ties.", ""]
     for kind, title in (("lora", "LoRA: r=16 on every `c_attn` (16 adapters per row)"), ("steering", "Steering: one vector per row on every block's output (16 per row)")):
         rows = [r for r in records if r.get("measure") == "forward" and r["kind"] == kind]
         if not rows:
