@@ -475,3 +475,24 @@ def test_switching_on_many_invokes_finds_each_adapter_by_dict(gpt2):
     with torch.no_grad(), per_row_hook(gpt2._module.get_submodule(PATH), deltas):
         reference = traced_logits(gpt2, prompts)
     assert torch.allclose(logits, reference, atol=1e-5)
+
+
+def test_a_set_takes_per_row_alphas_for_every_member(gpt2):
+    from nnsight_toolbox import LoraSet
+
+    adapters = LoraSet.on(gpt2, ["c_attn"], r=4)
+    for seed, lora in enumerate(adapters.values()):
+        randomize(lora, seed=seed)
+    prompts = ["Hello", "World", "abcde"]
+    alphas = [0.5, 0.0, 2.0]
+    with gpt2.trace(prompts):
+        adapters(alpha=alphas)
+        logits = gpt2.lm_head.output.save()
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for path, lora in adapters.items():
+            deltas = []
+            for alpha in alphas:
+                deltas.append(lora_delta(lora.WA.detach(), lora.WB.detach(), alpha))
+            stack.enter_context(per_row_hook(gpt2._module.get_submodule(path.split(".", 1)[1]), deltas))
+        reference = raw_logits(gpt2, prompts)
+    assert torch.allclose(logits, reference, atol=1e-5)

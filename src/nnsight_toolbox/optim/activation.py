@@ -363,7 +363,7 @@ def add_deltas(
             steps = controller.plans[key] = grouped.plan(live)
     for step in steps:
         if type(step) is grouped.Group:
-            changed = grouped.apply(step, adapted, target, x, batcher, controller)
+            changed = grouped.apply(step, adapted, target, x, batcher, controller, (_chosen_tokens, _row_spans, check_batch_axis))
             if changed is not None:
                 if changed is not adapted:
                     adapted, cloned = changed, False

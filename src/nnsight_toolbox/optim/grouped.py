@@ -227,20 +227,25 @@ def plan(live: list["Activation"]) -> list:
     return steps
 
 
-def apply(group: Group, adapted: torch.Tensor, target: torch.Tensor, x: Any, batcher: Any, controller: "AdapterController") -> torch.Tensor | None:
+def apply(
+    group: Group, adapted: torch.Tensor, target: torch.Tensor, x: Any, batcher: Any, controller: "AdapterController", helpers: tuple
+) -> torch.Tensor | None:
     """``adapted`` with every member of ``group`` applied on its rows and positions in one computation.
 
     ``None`` where this pass's layout is one the group does not compute on:
     the caller then applies the members one by one. A member with one alpha
     per row has no such fallback, and is refused with the reason instead.
+    ``helpers`` are `activation`'s ``(_chosen_tokens, _row_spans,
+    check_batch_axis)``, passed in: importing them here would be a cycle, and
+    an import inside a function fails on a remote server (it rebuilds each
+    function without its package).
     """
-    from .activation import _row_spans, check_batch_axis  # a cycle at import time
-
+    _chosen_tokens, _row_spans, check_batch_axis = helpers
     members = group.members
     total = batcher.total
     pieces = group.pieces if group.fixed else None
     if pieces is None:
-        pieces = _pieces(members, total, target.device, batcher, controller)
+        pieces = _pieces(members, total, target.device, batcher, controller, _chosen_tokens)
         if not pieces:
             return adapted
         if group.fixed:
@@ -282,10 +287,8 @@ def apply(group: Group, adapted: torch.Tensor, target: torch.Tensor, x: Any, bat
     return changed.reshape(adapted.shape)
 
 
-def _pieces(members: list, total: int, device: torch.device, batcher: Any, controller: Any) -> list:
+def _pieces(members: list, total: int, device: torch.device, batcher: Any, controller: Any, _chosen_tokens: Any) -> list:
     """``(index in the group, start, size, chosen, alpha)`` of each member that acts on some token of this pass."""
-    from .activation import _chosen_tokens  # a cycle at import time
-
     pieces = []
     for index, activation in enumerate(members):
         start, size = activation.rows if activation.rows is not None else (0, total)
