@@ -286,3 +286,19 @@ def test_count_interventions_counts_one_call_alone():
     assert ratio["within_bar"] is False
     assert not any(r.get("variant", "").startswith("isolated") for r in records)  # not whole generations
     assert "| 1.500x |" in count_interventions.markdown({"model": "m", "new_tokens": 4}, records)
+
+
+def test_batched_benchmark_checks_every_row_then_times_every_variant(tmp_path):
+    out = tmp_path / "batched"
+    done = run(sys.executable, str(BENCHMARKS / "batched.py"), "--ks", "1", "2", "--repeats", "2", "--warmup", "0", "--out", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "every row agrees with `peft-mixed`" in done.stdout and "every row agrees with `hook`" in done.stdout
+    rows = [r for r in records(out.with_suffix(".jsonl")) if r["measure"] == "forward"]
+    for kind, variants in (("lora", {"toolbox", "one-set", "peft-mixed", "hook"}), ("steering", {"toolbox", "one-set", "hook"})):
+        for k in (1, 2):
+            found = {r["variant"]: r for r in rows if r["kind"] == kind and r["k"] == k}
+            assert set(found) == variants, (kind, k, sorted(found))
+            assert all(len(r["times_ms"]) == 2 for r in found.values())
+    table = out.with_suffix(".md").read_text()
+    assert "| K | toolbox ms | over one set | over PEFT mixed | over hook |" in table
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -46,7 +46,9 @@ def watch(activation: "Activation", interleaver: "Interleaver", path: str) -> No
     batcher = interleaver.batcher
     if batcher is None:
         return
-    notes = batcher.__dict__.setdefault(NOTE, {})
+    notes = batcher.__dict__.get(NOTE)
+    if notes is None:
+        notes = batcher.__dict__[NOTE] = {}
     watched = notes.get(WATCH)
     if watched is None:
         watched = notes[WATCH] = []

@@ -46,6 +46,7 @@ from greenlet import getcurrent
 from nnsight.intervention.source import NO_SKIP, Controller, _as_fragment, run_body
 from nnsight.intervention.util import first_input
 
+from . import grouped
 from .acted import watch
 from .dims import first_tensor
 from .layout import BATCH_FIRST, TIME_FIRST
@@ -78,19 +79,22 @@ class Activation:
     worker when the run ends (`Interleaver.cancel`).
     """
 
-    __slots__ = ("_adapter", "alpha", "steps", "last_pass", "finished", "positions", "rows", "plain", "mediator", "worker", "root_input", "calls", "calls_pass", "source", "acted", "warned_own_call", "what", "group")
+    __slots__ = ("_adapter", "alpha", "steps", "last_pass", "finished", "positions", "rows", "plain", "mediator", "worker", "root_input", "calls", "calls_pass", "source", "acted", "warned_own_call", "what", "group", "group_key")
 
     def __init__(
         self, adapter: Any, alpha: float, steps: Any, mediator: "Mediator", root_input: str, positions: PositionSpec | None = None, rows: list | None = None
     ) -> None:
         self._adapter = weakref.ref(adapter)
         worker = mediator.worker
-        kept = worker.__dict__.setdefault("nnsight_toolbox_adapters", [])  # greenlets take attributes
+        kept = worker.__dict__.get("nnsight_toolbox_adapters")  # greenlets take attributes
+        if kept is None:
+            kept = worker.__dict__["nnsight_toolbox_adapters"] = []
         kept.append(adapter)
         # The invoke's rows [start, size] of the run's batch, None for all of it: fixed for the
         # run, since nnsight batches every invoke before the model runs.
         self.rows = rows
         self.source = None  # a swap's source (`SwapSource` or a tensor), set by `activate_swap`; None for every other kind
+        self.group_key = None  # set by `update`
         self.update(alpha, steps, positions)
         self.mediator = weakref.ref(mediator)
         self.worker = weakref.ref(worker)
@@ -109,7 +113,11 @@ class Activation:
         self.finished = False  # every chosen pass is behind (see `acts_on_this_pass`)
         self.positions = positions  # None (every token) or the tokens of each row to act on
         # The whole batch, every token, no source to pair: nothing to narrow.
-        self.plain = self.rows is None and positions is None and self.source is None
+        # One alpha too: one per row (a tensor) is applied by `grouped`, which gives each row its own.
+        self.plain = self.rows is None and positions is None and self.source is None and type(alpha) is float
+        # Which group it may join on a module with others (see `grouped.plan`), worked out here, where the
+        # adapter is at hand, not at the module's first pass; `None`: it goes one by one.
+        self.group_key = grouped.key_of(self._adapter(), self.rows, alpha)
 
     @property
     def adapter(self) -> Any:
@@ -163,6 +171,13 @@ class AdapterController(Controller):
         self.noting: str | None = None
         self.noting_for: Any = None
         self.encoder_decoder = False
+        # `activations` by id of their adapter, rebuilt once per run (see `_switch_on`).
+        self.by_adapter: dict = {}
+        self.pruned_for: Any = None  # the run (its batcher, weakly) `activations` were last pruned for
+        # `grouped.plan` of each set of live activations seen since the last switch-on (see `add_deltas`).
+        self.plans: dict = {}
+        # Outside autograd, the last group's stacked parameters, kept across runs (see `grouped.Group.stack`).
+        self.stacks: Any = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         state = self.state
@@ -273,6 +288,8 @@ class AdapterController(Controller):
         self.activations = [
             a for a in self.activations if not a.finished and interleaver is not None and a.live_mediator(interleaver) is not None
         ]
+        self.pruned_for = None  # `by_adapter` is rebuilt at the next switch-on
+        self.plans = {}
         if self.noting is not None and (interleaver is None or self.noting_for() is not interleaver.batcher):
             self.noting = self.noting_for = None  # that run has ended
         if not self.activations and self.noting is None:
@@ -336,52 +353,75 @@ def add_deltas(
     adapted = target
     cloned = False
     spans = None  # (output, input) dim-0 entries per batch row; see `rows.row_span`
-    for activation in live:
-        adapter, alpha, spec = activation._adapter(), activation.alpha, activation.positions  # the run holds the adapter
-        rows = activation.rows  # [start, size], None: all
-        if activation.plain:
-            adapted = adapter.intervene(adapted, x, alpha)
-            activation.acted = True
-            cloned = False  # a fresh tensor now, which a formula's backward may keep: clone before writing rows into it
-            continue
-        if activation.source is not None:  # a swap (`RotatedSpace`): pairs these rows with the source's (see `swap_in`)
-            swapped = swap_in(activation, adapter, adapted, target, batcher, controller)
-            if swapped is not adapted:  # `swap_in` returns a fresh tensor, or `adapted` on a pass with none of its tokens
-                adapted, cloned, activation.acted = swapped, False, True
-            continue
-        start, size = rows if rows is not None else (0, batcher.total)
-        chosen = True if spec is None else _chosen_tokens(spec, start, size, target.device, batcher, controller)
-        if chosen is False:
-            continue  # none of this pass's tokens (a generation step before or after the chosen ones)
-        activation.acted = True
-        if rows is None and chosen is True and not getattr(adapter, "reads_positions", False):  # every token of every row
-            adapted = adapter.intervene(adapted, x, alpha)
-            cloned = False
-            continue
-        check_batch_axis(adapter, target, batcher.total, controller.path)
-        if spans is None:
-            spans = _row_spans(target, x, batcher, controller)
-        out_span, in_span = spans
-        if chosen is not True:
-            chosen = chosen.reshape(_mask_shape(target, spec, size, out_span, batcher, controller))
-        if rows is None:  # the whole batch: no rows to copy out and back in
-            changed = _intervene(adapter, adapted, x, alpha, spec, start, size, out_span, batcher, controller)
-            adapted = changed if chosen is True else torch.where(chosen, changed, adapted)
-            cloned = False
-            continue
-        if not cloned:  # in-place row updates on a fresh tensor keep autograd exact
-            adapted, cloned = adapted.clone(), True
-        rows_out = adapted.narrow(0, start * out_span, size * out_span)
-        rows_x = x.narrow(0, start * in_span, size * in_span) if isinstance(x, torch.Tensor) else x
-        if getattr(adapter, "reads_output", False):
-            # A formula whose backward keeps `output` (LoReFT's `R h`) must not see the view
-            # that `copy_` below overwrites: autograd would refuse the changed tensor.
-            rows_out = rows_out.clone()
-        changed = _intervene(adapter, rows_out, rows_x, alpha, spec, start, size, out_span, batcher, controller)
-        if chosen is not True:
-            changed = torch.where(chosen, changed, rows_out)
-        adapted.narrow(0, start * out_span, size * out_span).copy_(changed)
+    # Several of one kind on their own rows (or one alpha per row): one computation (see `grouped`).
+    if len(live) == 1 and type(live[0].alpha) is float:
+        steps = live
+    else:  # planned once per run and set of live activations (see `_switch_on`, which clears the plans)
+        key = tuple(live)
+        steps = controller.plans.get(key)
+        if steps is None:
+            steps = controller.plans[key] = grouped.plan(live)
+    for step in steps:
+        if type(step) is grouped.Group:
+            changed = grouped.apply(step, adapted, target, x, batcher, controller, (_chosen_tokens, _row_spans, check_batch_axis))
+            if changed is not None:
+                if changed is not adapted:
+                    adapted, cloned = changed, False
+                continue
+        for activation in step.members if type(step) is grouped.Group else (step,):  # one by one: a single, or a group whose layout `grouped` does not take
+            adapted, cloned, spans = _apply_one(activation, adapted, cloned, spans, target, x, batcher, controller)
     return adapted if output is target else replace_first_tensor(output, adapted)
+
+
+def _apply_one(
+    activation: Activation, adapted: torch.Tensor, cloned: bool, spans: Any, target: torch.Tensor, x: Any, batcher: Any, controller: AdapterController
+) -> tuple[torch.Tensor, bool, Any]:
+    """`add_deltas` for one activation: ``(adapted, cloned, spans)`` after it."""
+    adapter, alpha, spec = activation._adapter(), activation.alpha, activation.positions  # the run holds the adapter
+    rows = activation.rows  # [start, size], None: all
+    if activation.plain:
+        adapted = adapter.intervene(adapted, x, alpha)
+        activation.acted = True
+        cloned = False  # a fresh tensor now, which a formula's backward may keep: clone before writing rows into it
+        return adapted, cloned, spans
+    if activation.source is not None:  # a swap (`RotatedSpace`): pairs these rows with the source's (see `swap_in`)
+        swapped = swap_in(activation, adapter, adapted, target, batcher, controller)
+        if swapped is not adapted:  # `swap_in` returns a fresh tensor, or `adapted` on a pass with none of its tokens
+            adapted, cloned, activation.acted = swapped, False, True
+        return adapted, cloned, spans
+    start, size = rows if rows is not None else (0, batcher.total)
+    chosen = True if spec is None else _chosen_tokens(spec, start, size, target.device, batcher, controller)
+    if chosen is False:
+        return adapted, cloned, spans  # none of this pass's tokens (a generation step before or after the chosen ones)
+    activation.acted = True
+    if rows is None and chosen is True and not getattr(adapter, "reads_positions", False):  # every token of every row
+        adapted = adapter.intervene(adapted, x, alpha)
+        cloned = False
+        return adapted, cloned, spans
+    check_batch_axis(adapter, target, batcher.total, controller.path)
+    if spans is None:
+        spans = _row_spans(target, x, batcher, controller)
+    out_span, in_span = spans
+    if chosen is not True:
+        chosen = chosen.reshape(_mask_shape(target, spec, size, out_span, batcher, controller))
+    if rows is None:  # the whole batch: no rows to copy out and back in
+        changed = _intervene(adapter, adapted, x, alpha, spec, start, size, out_span, batcher, controller)
+        adapted = changed if chosen is True else torch.where(chosen, changed, adapted)
+        cloned = False
+        return adapted, cloned, spans
+    if not cloned:  # in-place row updates on a fresh tensor keep autograd exact
+        adapted, cloned = adapted.clone(), True
+    rows_out = adapted.narrow(0, start * out_span, size * out_span)
+    rows_x = x.narrow(0, start * in_span, size * in_span) if isinstance(x, torch.Tensor) else x
+    if getattr(adapter, "reads_output", False):
+        # A formula whose backward keeps `output` (LoReFT's `R h`) must not see the view
+        # that `copy_` below overwrites: autograd would refuse the changed tensor.
+        rows_out = rows_out.clone()
+    changed = _intervene(adapter, rows_out, rows_x, alpha, spec, start, size, out_span, batcher, controller)
+    if chosen is not True:
+        changed = torch.where(chosen, changed, rows_out)
+    adapted.narrow(0, start * out_span, size * out_span).copy_(changed)
+    return adapted, cloned, spans
 
 
 def check_batch_axis(adapter: Any, target: torch.Tensor, total: int, path: str) -> None:
@@ -550,6 +590,20 @@ def current_mediator(what: str, hint: str = "") -> "Mediator":
     return mediator
 
 
+def row_alphas(alpha: Any, kinds: Any, call: str, means: str) -> Any:
+    """``alpha`` checked: a float, or, as a 1-D sequence, one value per row (a float64 tensor) where every one of ``kinds`` takes that (`grouped`)."""
+    if isinstance(alpha, (torch.Tensor, list, tuple)) and not (isinstance(alpha, torch.Tensor) and alpha.dim() == 0):
+        refused = sorted({kind.__name__ for kind in kinds if not grouped.opts_in(kind)})
+        if refused:
+            raise ValueError(
+                f"`{call}` was given {f'a tensor of shape {tuple(alpha.shape)}' if isinstance(alpha, torch.Tensor) else repr(alpha)[:80]} "
+                f"as `alpha`: one alpha per row is taken by `LORA` and `SteeringVector`, not by "
+                f"{', '.join(f'`{name}`' for name in refused)}. Pass one number, or give each strength its own invoke."
+            )
+        return grouped.check_row_alphas(alpha, call, means)
+    return check_alpha(alpha, call, means)
+
+
 def check_alpha(alpha: Any, call: str = "", means: str = "the strength of the intervention") -> float:
     """``alpha`` as a float, or a clear error naming ``call`` (``"adapters()"``) and what alpha ``means`` there."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -631,6 +685,14 @@ def activate_many(
     mediator = current_mediator(what)
     interleaver = mediator.interleaver
     rows = mediator.batch_group if interleaver.batcher is not None and interleaver.batcher.batching else None
+    if type(alpha) is not float:  # one alpha per row (`row_alphas`): as many as the invoke has rows
+        size = rows[1] if rows is not None else getattr(interleaver.batcher, "total", None)
+        if size is not None and size != alpha.shape[0]:
+            raise ValueError(
+                f"`{what}` was given {alpha.shape[0]} alphas, one per row, but the invoke it was called "
+                f"in has {size} row(s) in this run. Give one alpha per prompt of the invoke (e.g. "
+                f"`alpha=torch.linspace(0, 2, {size})`), or one number for all of them."
+            )
     root_input = passes = None
     checked = noted = False  # positions checked, and the run's sequence lengths noted, once per call
     group = object() if len(switches) > 1 else None  # a collection's members, for the run's-end check (`acted`)
@@ -705,12 +767,26 @@ def _switch_on(
     """Add (or update) ``adapter``'s activation for ``mediator``; whether it is new."""
     interleaver = mediator.interleaver
     # Activations of finished runs are dropped here, not only when the module
-    # next runs idle: a training loop calls `lora()` in every run.
-    controller.activations = [a for a in controller.activations if a.live_mediator(interleaver) is not None]
-    for activation in controller.activations:
+    # next runs idle: a training loop calls `lora()` in every run. Once per run:
+    # within a run no activation dies (nnsight drops the workers when it ends), and
+    # each invoke's switch-on then costs the lookup of its adapter, not a pass over
+    # every invoke's activations (K x K at K invokes).
+    batcher = interleaver.batcher
+    if controller.plans:
+        controller.plans = {}  # what is live on the module changes: plan it again (see `add_deltas`)
+    if controller.pruned_for is None or controller.pruned_for() is not batcher:
+        controller.activations = [a for a in controller.activations if a.live_mediator(interleaver) is not None]
+        by_adapter: dict = {}
+        for activation in controller.activations:
+            by_adapter.setdefault(id(activation._adapter()), []).append(activation)
+        controller.by_adapter = by_adapter
+        controller.pruned_for = weakref.ref(batcher) if batcher is not None else None
+    for activation in controller.by_adapter.get(id(adapter), ()):
         if activation.adapter is not adapter:
             continue
         other = activation.live_mediator(interleaver)
+        if other is None:
+            continue
         if other is mediator:
             activation.update(alpha, steps, positions)
             _count_repeat_call(activation, mediator, path)
@@ -726,6 +802,7 @@ def _switch_on(
     activation = Activation(adapter, alpha, steps, mediator, root_input, positions, rows)
     activation.what, activation.group = what, group
     controller.activations.append(activation)
+    controller.by_adapter.setdefault(id(adapter), []).append(activation)
     watch(activation, interleaver, path)  # a run that ends with it having acted on nothing raises (see `acted`)
     return True
 

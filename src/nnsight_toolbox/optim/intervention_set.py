@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from .activation import Steps, activate_many, check_alpha, current_mediator, normalize_steps
+from .activation import Steps, activate_many, current_mediator, normalize_steps, row_alphas
 from .optimization import Optimization
 from .positions import Positions
 
@@ -115,7 +115,7 @@ class InterventionSet(Optimization):
         """
         what = self.call_name
         current_mediator(what)
-        alpha = check_alpha(alpha, what)
+        alpha = row_alphas(alpha, [type(member) for member in self._members], what, "the strength of the intervention")
         steps = normalize_steps(steps)
         switches = []  # switched on together, sharing the lookups of the invoke and its run
         for member in self._members:

@@ -294,7 +294,10 @@ class LORA(ModuleIntervention):
 
         Args:
             alpha: Scale of the low-rank term; a finite number. 0 switches the
-                adapter off for this invoke.
+                adapter off for this invoke. Or a 1-D sequence or tensor of
+                them, one per row of the invoke (``torch.linspace(0, 2, 16)`` in
+                an invoke of 16 prompts): a sweep of strengths in one batch, at
+                about the cost of one. Its length must be the invoke's rows.
             steps: Restrict it to some forward passes of the run: an int, a
                 ``slice`` (``slice(1, None)``: every generated token but not the
                 prefill), a ``range`` or an iterable of ints. Pass 0 is the
@@ -313,7 +316,8 @@ class LORA(ModuleIntervention):
         Raises:
             RuntimeError: Called outside a trace, in a trace of another model, by
                 two invokes of one run whose rows overlap, or while merged.
-            ValueError: ``alpha`` is not a finite number, ``steps`` holds
+            ValueError: ``alpha`` is not a finite number (nor one per row of the
+                invoke, each finite, as many as its rows), ``steps`` holds
                 something other than non-negative ints, or ``positions`` picks a
                 token some row of the invoke does not have.
 
@@ -336,6 +340,27 @@ class LORA(ModuleIntervention):
             >>> with model.generate("Hello", max_new_tokens=5) as tracer:
             ...     lora(positions=slice(-1, None))
             ...     ids = tracer.result.save()
+
+            One adapter at 16 strengths, one per row, in one forward:
+
+            >>> with model.trace(["Hello"] * 16):
+            ...     lora(alpha=torch.linspace(0, 2, 16))
+            ...     sweep = model.lm_head.output.save()
+            >>> sweep.shape[0]
+            16
+
+            Many adapters side by side, one per invoke, applied as one batched
+            computation on their module (see `nnsight_toolbox.optim.grouped`):
+
+            >>> checkpoints = [LORA(model.transformer.h[0].mlp, r=8) for _ in range(3)]
+            >>> with model.trace() as tracer:
+            ...     for k in range(3):
+            ...         with tracer.invoke("Hello"):
+            ...             checkpoints[k]()
+            ...     with tracer.invoke():
+            ...         logits = model.lm_head.output.save()
+            >>> logits.shape[0]
+            3
         """
         self._activate(alpha, steps, positions, self.call_name)
 
@@ -433,6 +458,60 @@ class LORA(ModuleIntervention):
         >>> torch.equal(lora.intervene(out, x, 0.5), lora.add_delta(out, x, 0.5))
         True
     """
+
+    # -- many adapters on one module in one batch: one computation (see `grouped`) -------
+
+    def _grouped_key(self) -> Any:
+        """What members of one group share (`grouped`): ``None`` where this adapter goes one by one."""
+        parameters = self._parameters
+        WA = parameters.get("WA")
+        if self.takes_ids or WA is None or parameters.get("WB") is None:  # token ids, or a parametrization
+            return None
+        return (self.r, self.input_dim, self.output_dim, WA.dtype, WA.device, self._has_bias, self.dropout)
+
+    def _grouped_parameters(self) -> tuple[torch.Tensor, ...]:
+        """The tensors `grouped` stacks: ``WA``, ``WB`` (and ``bias``)."""
+        parameters = self._parameters
+        if self._has_bias:
+            return parameters["WA"], parameters["WB"], parameters["bias"]
+        return parameters["WA"], parameters["WB"]
+
+    def _grouped_intervene(
+        self, output: torch.Tensor, x: torch.Tensor, stacked: tuple, member: torch.Tensor | None, rows: torch.Tensor | None, scale: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Every group member's ``output + alpha * delta(x)`` on its rows at once: ``(B, T, out)`` from ``(B, T, in)``.
+
+        Each acted row m gets its member's factors (a gather of the stack), and
+        the two matmuls are batched over rows: ``x (M, T, in) @ WA (M, in, r)``,
+        scaled per row (or token), ``@ WB (M, r, out)``. Summed in the adapters'
+        dtype and cast back to the output's, as `add_delta` does.
+        """
+        WA, WB = stacked[0], stacked[1]
+        bias = stacked[2] if len(stacked) > 2 else None
+        if member is not None:
+            WA, WB = WA.index_select(0, member), WB.index_select(0, member)
+            bias = bias.index_select(0, member) if bias is not None else None
+        picked = x if rows is None else x.index_select(0, rows)
+        if picked.dtype is not WA.dtype:
+            picked = picked.to(WA.dtype)
+        if self.dropout and self.training:
+            picked = F.dropout(picked, self.dropout, training=True)
+        hidden = torch.bmm(picked, WA)  # (M, T, r)
+        if scale is not None:
+            scale = scale[:, None, None] if scale.dim() == 1 else scale[:, :, None]
+            hidden = hidden * scale
+        same = output.dtype is WA.dtype
+        if rows is None and same and bias is None:
+            return torch.baddbmm(output, hidden, WB)  # the sum in the second matmul's pass
+        delta = torch.bmm(hidden, WB)  # (M, T, out)
+        if bias is not None:
+            delta = delta + (bias[:, None, :] if scale is None else bias[:, None, :] * scale)
+        if rows is None:
+            return output + delta if same else (output.to(delta.dtype) + delta).to(output.dtype)
+        if same:
+            return output.index_add(0, rows, delta)
+        changed = output.index_select(0, rows).to(delta.dtype) + delta
+        return output.index_copy(0, rows, changed.to(output.dtype))
 
     def _add_biased_delta(self, output: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
         """`add_delta` with a bias: PEFT's ``lora_B(lora_A(x)) * scaling``, whose ``lora_B`` is biased."""

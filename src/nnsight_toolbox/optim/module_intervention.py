@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 import torch
 import torch.nn.functional as F
 
-from .activation import Steps, activate_many, check_alpha, current_mediator, normalize_steps
+from .activation import Steps, activate_many, check_alpha, current_mediator, normalize_steps, row_alphas
 from .dims import infer_dims
 from .kinds import register
 from .layout import batch_axis
@@ -250,8 +250,17 @@ class ModuleIntervention(Optimization):
 
         Args:
             alpha: Scale of the intervention; 0 switches it off for this invoke.
+                `LORA` and `SteeringVector` also take a 1-D sequence or tensor
+                with one value per row of the invoke (a sweep of strengths in one
+                batch, at about the cost of one); its length must be the invoke's
+                rows (`ValueError` otherwise).
             steps: Restrict it to some forward passes (0 is the prefill).
             positions: Restrict it to some tokens of each row; ``None``: every token.
+
+        Several invokes of one trace, each switching on its own intervention of
+        one kind on a module, are applied as one batched computation (see
+        `nnsight_toolbox.optim.grouped`): comparing many side by side costs about
+        what one does.
 
         Examples:
             >>> from nnsight_toolbox import SteeringVector
@@ -259,6 +268,14 @@ class ModuleIntervention(Optimization):
             >>> with model.generate("Hello", max_new_tokens=3) as tracer:
             ...     steer(alpha=4.0, positions=slice(-1, None))
             ...     ids = tracer.result.save()
+
+            One vector at four strengths, one per row of the batch:
+
+            >>> with model.trace(["Hello", "Hello", "Hello", "Hello"]):
+            ...     steer(alpha=torch.tensor([0.0, 1.0, 2.0, 4.0]))
+            ...     logits = model.lm_head.output.save()
+            >>> logits.shape[0]
+            4
         """
         self._activate(alpha, steps, positions, self.call_name)
 
@@ -278,9 +295,11 @@ class ModuleIntervention(Optimization):
             return f"To change every run without a trace, merge it into the weights instead: `{type(self).__name__.lower()}.merge()`."
         return ""
 
-    def _check_alpha(self, alpha: Any) -> float:
-        """``alpha`` as a float, or a refusal that names this kind's call."""
-        return check_alpha(alpha, self.call_name, self.alpha_means)
+    def _check_alpha(self, alpha: Any) -> Any:
+        """``alpha`` as a float (or one per row, for a kind that takes that: `grouped`), or a refusal that names this kind's call."""
+        if isinstance(alpha, (int, float)):
+            return check_alpha(alpha, self.call_name, self.alpha_means)
+        return row_alphas(alpha, (type(self),), self.call_name, self.alpha_means)
 
     def _width_error(self, output: torch.Tensor) -> ValueError:
         """The refusal for an output whose width is not the one the intervention was built for.

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from .module_intervention import ModuleIntervention, add_in_dtype
 
@@ -149,3 +150,38 @@ class SteeringVector(ModuleIntervention):
         if alpha == 1.0 and output.dtype == v.dtype:
             return output + v  # (B, T, d) + (d,)
         return add_in_dtype(output, v, alpha)
+
+    # -- many vectors on one module in one batch: one computation (see `grouped`) -------
+
+    def _grouped_key(self) -> object:
+        """What members of one group share (`grouped`): ``None`` for a parametrized vector, which goes one by one."""
+        v = self._parameters.get("v")
+        if v is None:
+            return None
+        return (self.output_dim, v.dtype, v.device, self.dropout)
+
+    def _grouped_parameters(self) -> tuple[torch.Tensor, ...]:
+        """The tensor `grouped` stacks: ``v``."""
+        return (self._parameters["v"],)
+
+    def _grouped_intervene(
+        self, output: torch.Tensor, x: object, stacked: tuple, member: torch.Tensor | None, rows: torch.Tensor | None, scale: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Every group member's ``output + alpha * v`` on its rows at once, as one indexed add on ``(B, T, d)``."""
+        V = stacked[0] if member is None else stacked[0].index_select(0, member)  # (M, d)
+        if self.dropout and self.training:
+            V = F.dropout(V, self.dropout, training=True)
+        if scale is None:
+            delta = V[:, None, :]
+        elif scale.dim() == 1:
+            delta = (V * scale[:, None])[:, None, :]
+        else:
+            delta = V[:, None, :] * scale[:, :, None]  # (M, T, d)
+        same = output.dtype is V.dtype
+        if rows is None:
+            return output + delta if same else (output.to(V.dtype) + delta).to(output.dtype)
+        delta = delta.expand(rows.shape[0], output.shape[1], output.shape[2])
+        if same:
+            return output.index_add(0, rows, delta)
+        changed = output.index_select(0, rows).to(V.dtype) + delta
+        return output.index_copy(0, rows, changed.to(output.dtype))
