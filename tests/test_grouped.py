@@ -248,6 +248,39 @@ def test_positions_hold_per_invoke(gpt2, monkeypatch):
     assert torch.allclose(logits, reference, atol=1e-5)
 
 
+def test_gradients_with_positions_and_row_alphas_reach_each_members_own_factors(gpt2, monkeypatch):
+    """A group whose members act at their own positions, one with an alpha per row: each gets its own exact gradient."""
+    seen = spy_groups(monkeypatch)
+    adapters = loras(gpt2, 3)
+    positions = [-1, 0, [1, 2]]
+    alphas = [0.5, torch.tensor([2.0]), 1.0]  # the second member: one alpha per row of its one-row invoke
+    prompts = PROMPTS[:3]
+    with gpt2.trace() as tracer:
+        for k in range(3):
+            with tracer.invoke(prompts[k]):
+                adapters[k](alpha=alphas[k], positions=positions[k])
+        with tracer.invoke():
+            logits = gpt2.lm_head.output.save()
+    assert seen and all(done for _, done in seen)  # one group computation, not one by one
+    weights = torch.linspace(0.5, 1.5, logits.shape[-1])
+    real = batch_of(gpt2, prompts).attention_mask.bool()
+    (logits * weights * real[:, :, None]).sum().backward()  # pad positions are not compared (see the module's docstring)
+    clones, deltas = [], []
+    for b in range(3):
+        mask = torch.zeros(real.shape[1])
+        mask[real_columns(real[b])[positions[b]]] = 1.0
+        WA, WB = adapters[b].WA.detach().clone().requires_grad_(), adapters[b].WB.detach().clone().requires_grad_()
+        clones.append((WA, WB))
+        deltas.append(lora_delta(WA, WB, alpha=float(alphas[b]), mask=mask))
+    with per_row_hook(gpt2._module.get_submodule(PATH), deltas):
+        reference = traced_logits(gpt2, prompts)
+    (reference * weights * real[:, :, None]).sum().backward()
+    for lora, (WA, WB) in zip(adapters, clones):
+        assert WA.grad.abs().sum() > 0  # the reference's gradient is not trivially zero
+        assert torch.allclose(lora.WA.grad, WA.grad, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(lora.WB.grad, WB.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_steps_per_invoke_in_generate_equal_a_hook_token_for_token(gpt2):
     adapters = loras(gpt2, 3, path="transformer.h.0.mlp.c_fc")
     for lora in adapters:
