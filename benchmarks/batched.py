@@ -84,16 +84,8 @@ def load_baseline(src: Path):
 # ---------------------------------------------------------------------------
 
 
-def toolbox_lora(package, model, weights: list[dict], ids: torch.Tensor):
-    """K invokes, row k switching on its own set: the package as users write it."""
-    sets = []
-    for init in weights:
-        adapters = package.LORA.on(model, ["c_attn"], r=R)
-        with torch.no_grad():
-            for path, (a, b) in init.items():
-                adapters[path].WA.copy_(a)
-                adapters[path].WB.copy_(b)
-        sets.append(adapters)
+def side_by_side(model, sets: list, ids: torch.Tensor):
+    """Two calls to time: row k in its own invoke with ``sets[k]`` switched on, and ``sets[0]`` on every row in one invoke."""
     rows = [ids[k : k + 1] for k in range(ids.shape[0])]
 
     def grouped():
@@ -112,6 +104,19 @@ def toolbox_lora(package, model, weights: list[dict], ids: torch.Tensor):
         return logits
 
     return grouped, one_set
+
+
+def toolbox_lora(package, model, weights: list[dict], ids: torch.Tensor):
+    """K invokes, row k switching on its own set: the package as users write it."""
+    sets = []
+    for init in weights:
+        adapters = package.LORA.on(model, ["c_attn"], r=R)
+        with torch.no_grad():
+            for path, (a, b) in init.items():
+                adapters[path].WA.copy_(a)
+                adapters[path].WB.copy_(b)
+        sets.append(adapters)
+    return side_by_side(model, sets, ids)
 
 
 def toolbox_steering(package, model, vectors: list[torch.Tensor], ids: torch.Tensor):
@@ -126,24 +131,7 @@ def toolbox_steering(package, model, vectors: list[torch.Tensor], ids: torch.Ten
                 vector.v.copy_(per_layer[layer])
             members.append(vector)
         sets.append(package.InterventionSet(members))
-    rows = [ids[k : k + 1] for k in range(ids.shape[0])]
-
-    def grouped():
-        with torch.no_grad(), model.trace() as tracer:
-            for k in range(len(rows)):
-                with tracer.invoke(rows[k]):
-                    sets[k]()
-            with tracer.invoke():
-                logits = model.lm_head.output.save()
-        return logits
-
-    def one_set():
-        with torch.no_grad(), model.trace(ids):
-            sets[0]()
-            logits = model.lm_head.output.save()
-        return logits
-
-    return grouped, one_set
+    return side_by_side(model, sets, ids)
 
 
 def peft_mixed(raw: torch.nn.Module, weights: list[dict], ids: torch.Tensor):
