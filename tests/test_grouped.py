@@ -76,16 +76,22 @@ def raw_logits(model, prompts):
         return model._module(**batch_of(model, prompts)).logits
 
 
-def traced_logits(model, prompts):
-    """The logits of ``prompts``, one invoke each, traced with no intervention: the reference's hooks
-    then see the batch nnsight builds (its padding), with none of the package's code."""
+def invoked_logits(model, prompts, switch=None):
+    """The logits of ``prompts``, one invoke each; ``switch(k)`` runs inside invoke ``k`` (it switches row k's interventions on)."""
     with model.trace() as tracer:
         for k in range(len(prompts)):
             with tracer.invoke(prompts[k]):
-                pass
+                if switch is not None:
+                    switch(k)
         with tracer.invoke():
             logits = model.lm_head.output.save()
     return logits
+
+
+def traced_logits(model, prompts):
+    """The logits of ``prompts``, one invoke each, traced with no intervention: the reference's hooks
+    then see the batch nnsight builds (its padding), with none of the package's code."""
+    return invoked_logits(model, prompts)
 
 
 def spy_groups(monkeypatch):
@@ -332,19 +338,23 @@ def test_steps_per_invoke_in_generate_equal_a_hook_token_for_token(gpt2):
 def test_a_parameter_changed_between_runs_is_seen(gpt2):
     adapters = loras(gpt2, 2)
     prompts = PROMPTS[:2]
+
+    def adapted_and_reference():
+        """This run's logits, and a per-row hook's from the adapters' factors as they are now."""
+        with torch.no_grad():
+            logits = invoked_logits(gpt2, prompts, lambda k: adapters[k]())
+            deltas = []
+            for lora in adapters:
+                deltas.append(lora_delta(lora.WA.detach(), lora.WB.detach()))
+            with per_row_hook(gpt2._module.get_submodule(PATH), deltas):
+                reference = traced_logits(gpt2, prompts)
+        return logits, reference
+
     results = []
     for scale in (1.0, 3.0):
         with torch.no_grad():
             adapters[1].WB.mul_(scale)  # in place: the stack is rebuilt from the new version
-            with gpt2.trace() as tracer:
-                for k in range(2):
-                    with tracer.invoke(prompts[k]):
-                        adapters[k]()
-                with tracer.invoke():
-                    logits = gpt2.lm_head.output.save()
-        deltas = [lora_delta(adapters[0].WA.detach(), adapters[0].WB.detach()), lora_delta(adapters[1].WA.detach(), adapters[1].WB.detach())]
-        with torch.no_grad(), per_row_hook(gpt2._module.get_submodule(PATH), deltas):
-            reference = traced_logits(gpt2, prompts)
+        logits, reference = adapted_and_reference()
         assert torch.allclose(logits, reference, atol=1e-5)
         results.append(logits)
     assert not torch.allclose(results[0][1], results[1][1])
@@ -353,17 +363,11 @@ def test_a_parameter_changed_between_runs_is_seen(gpt2):
             adapters[0].WB = torch.nn.Parameter(adapters[0].WB.detach() * 2)  # a new tensor
         else:
             adapters[0].WB.data = adapters[0].WB.detach() * -1.5  # the same tensor and `_version`, new storage
-        with torch.no_grad():
-            with gpt2.trace() as tracer:
-                for k in range(2):
-                    with tracer.invoke(prompts[k]):
-                        adapters[k]()
-                with tracer.invoke():
-                    logits = gpt2.lm_head.output.save()
-            deltas = [lora_delta(adapters[0].WA.detach(), adapters[0].WB.detach()), lora_delta(adapters[1].WA.detach(), adapters[1].WB.detach())]
-            with per_row_hook(gpt2._module.get_submodule(PATH), deltas):
-                reference = traced_logits(gpt2, prompts)
+        before = results[-1][0]
+        logits, reference = adapted_and_reference()
         assert torch.allclose(logits, reference, atol=1e-5), change
+        assert not torch.allclose(logits[0], before), change  # row 0 moved: a stale stack would have kept it
+        results.append(logits)
 
 
 @pytest.mark.parametrize("kind", ["lora", "steering"])
