@@ -370,6 +370,87 @@ def test_a_parameter_changed_between_runs_is_seen(gpt2):
         results.append(logits)
 
 
+
+def hooked_reference(model, prompts, adapters):
+    """A per-row hook's logits from the adapters' factors as they are now, in each adapter's dtype."""
+
+    def delta(lora):
+        WA, WB = lora.WA.detach(), lora.WB.detach()
+        return lambda x: (x.to(WA.dtype) @ WA @ WB).to(x.dtype)
+
+    with torch.no_grad(), per_row_hook(model._module.get_submodule(PATH), [delta(lora) for lora in adapters]):
+        return traced_logits(model, prompts)
+
+
+def test_a_parameter_replaced_inside_the_run_after_its_switch_on_is_seen(gpt2, monkeypatch):
+    seen = spy_groups(monkeypatch)
+    adapters = loras(gpt2, 3)
+    prompts = PROMPTS[:3]
+    with torch.no_grad():
+        invoked_logits(gpt2, prompts, lambda k: adapters[k]())  # the stack of this layout is kept
+        new = adapters[1].WB.detach() * -3
+
+        def switch(k):
+            adapters[k]()
+            if k == 1:  # after its switch-on took the factors, before the model runs
+                adapters[1].WB = torch.nn.Parameter(new)
+
+        logits = invoked_logits(gpt2, prompts, switch)
+    assert all(done for _, done in seen) and len(seen) == 2, seen
+    assert adapters[1].WB.detach().equal(new)
+    assert torch.allclose(logits, hooked_reference(gpt2, prompts, adapters), atol=1e-5)
+
+
+def test_a_parameter_replaced_in_the_table_itself_between_runs_is_seen(gpt2):
+    adapters = loras(gpt2, 2)
+    prompts = PROMPTS[:2]
+    with torch.no_grad():
+        before = invoked_logits(gpt2, prompts, lambda k: adapters[k]())
+        adapters[0]._parameters["WB"] = torch.nn.Parameter(adapters[0].WB.detach() * 4)  # past `__setattr__`
+        logits = invoked_logits(gpt2, prompts, lambda k: adapters[k]())
+    assert not torch.allclose(logits[0], before[0])
+    assert torch.allclose(logits, hooked_reference(gpt2, prompts, adapters), atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["to", "data"])
+def test_a_member_moved_to_another_dtype_is_computed_in_it(gpt2, monkeypatch, how):
+    """`.to()` is seen at the next switch-on; a ``.data =`` of another dtype, which no key shows, where the group stacks."""
+    seen = spy_groups(monkeypatch)
+    adapters = loras(gpt2, 3)
+    prompts = PROMPTS[:3]
+    with torch.no_grad():
+        invoked_logits(gpt2, prompts, lambda k: adapters[k]())
+        assert seen == [(3, True)]
+        if how == "to":
+            adapters[1].to(torch.float64)
+        else:
+            adapters[1].WA.data = adapters[1].WA.detach().double()
+            adapters[1].WB.data = adapters[1].WB.detach().double()
+        assert adapters[1].WA.dtype == torch.float64
+        seen.clear()
+        logits = invoked_logits(gpt2, prompts, lambda k: adapters[k]())
+        reference = hooked_reference(gpt2, prompts, adapters)
+        assert torch.allclose(logits, reference, atol=1e-5)
+        # `.data`: this run's group found the mixed dtypes and went one by one; either way the next
+        # switch-on keys the float64 member apart, so the other two are one group of two
+        assert seen == ([(2, True)] if how == "to" else [(3, False)]), seen
+        seen.clear()
+        again = invoked_logits(gpt2, prompts, lambda k: adapters[k]())
+    assert seen == [(2, True)], seen
+    assert torch.allclose(again, reference, atol=1e-5)
+
+
+def test_a_kept_key_follows_the_adapters_options(gpt2):
+    lora = loras(gpt2, 1)[0]
+    key, _ = grouped.key_of(lora, [0, 1], 1.0)
+    assert grouped.key_of(lora, [0, 1], 1.0)[0] == key
+    lora.dropout = 0.25
+    changed, _ = grouped.key_of(lora, [0, 1], 1.0)
+    assert changed != key and 0.25 in changed[1] and changed[2] is True
+    copied = copy.deepcopy(lora)
+    assert grouped.MEMO not in copied.__dict__  # a copy works out its own, for its own tensors
+    assert grouped.key_of(copied, [0, 1], 1.0)[0] == changed
+
 @pytest.mark.parametrize("kind", ["lora", "steering"])
 def test_per_row_alphas_equal_separate_runs(gpt2, kind):
     prompts = ["Hello", "World", "abcde", "12345"]  # one length: no padding

@@ -41,10 +41,10 @@ WATCH = "watch"
 CHECK = "check_dangling_mediators"
 
 
-def watch(activation: "Activation", interleaver: "Interleaver", path: str) -> None:
-    """Check, once the run ends, that ``activation`` (on the module at ``path``) acted."""
+def watch(made: list, interleaver: "Interleaver", mediator: Any) -> None:
+    """Check, once the run ends, that each new ``(activation, path)`` of one call (switched on by ``mediator``) acted."""
     batcher = interleaver.batcher
-    if batcher is None:
+    if batcher is None or not made:
         return
     notes = batcher.__dict__.get(NOTE)
     if notes is None:
@@ -53,9 +53,9 @@ def watch(activation: "Activation", interleaver: "Interleaver", path: str) -> No
     if watched is None:
         watched = notes[WATCH] = []
         _check_at_end(interleaver, batcher)
-    mediator = activation.mediator()
-    ran_before = mediator.occurrence(f"{path}.input") if mediator is not None else 0
-    watched.append((activation, path, ran_before))
+    occurrence = mediator.occurrence
+    for activation, path in made:
+        watched.append((activation, path, occurrence(f"{path}.input")))
 
 
 def _check_at_end(interleaver: "Interleaver", batcher: Any) -> None:

@@ -79,7 +79,7 @@ class Activation:
     worker when the run ends (`Interleaver.cancel`).
     """
 
-    __slots__ = ("_adapter", "alpha", "steps", "last_pass", "finished", "positions", "rows", "plain", "mediator", "worker", "root_input", "calls", "calls_pass", "source", "acted", "warned_own_call", "what", "group", "group_key")
+    __slots__ = ("_adapter", "alpha", "steps", "last_pass", "finished", "positions", "rows", "plain", "mediator", "worker", "root_input", "calls", "calls_pass", "source", "acted", "warned_own_call", "what", "group", "group_key", "tensors")
 
     def __init__(
         self, adapter: Any, alpha: float, steps: Any, mediator: "Mediator", root_input: str, positions: PositionSpec | None = None, rows: list | None = None
@@ -94,7 +94,7 @@ class Activation:
         # run, since nnsight batches every invoke before the model runs.
         self.rows = rows
         self.source = None  # a swap's source (`SwapSource` or a tensor), set by `activate_swap`; None for every other kind
-        self.group_key = None  # set by `update`
+        self.group_key = self.tensors = None  # set by `update`
         self.update(alpha, steps, positions)
         self.mediator = weakref.ref(mediator)
         self.worker = weakref.ref(worker)
@@ -117,7 +117,7 @@ class Activation:
         self.plain = self.rows is None and positions is None and self.source is None and type(alpha) is float
         # Which group it may join on a module with others (see `grouped.plan`), worked out here, where the
         # adapter is at hand, not at the module's first pass; `None`: it goes one by one.
-        self.group_key = grouped.key_of(self._adapter(), self.rows, alpha)
+        self.group_key, self.tensors = grouped.key_of(self._adapter(), self.rows, alpha)
 
     @property
     def adapter(self) -> Any:
@@ -695,6 +695,7 @@ def activate_many(
             )
     root_input = passes = None
     checked = noted = False  # positions checked, and the run's sequence lengths noted, once per call
+    made = []  # the new activations and their paths, watched together (see `acted`)
     group = object() if len(switches) > 1 else None  # a collection's members, for the run's-end check (`acted`)
     for adapter, envoy, positions in switches:
         if envoy.interleaver is not interleaver:
@@ -715,7 +716,10 @@ def activate_many(
             _note_lengths_of_run(envoy, interleaver)
             noted = True
         controller = _adapter_controller(envoy)
-        is_new = _switch_on(controller, adapter, alpha, steps, mediator, rows, root_input, envoy.path, positions, what, group)
+        activation = _switch_on(controller, adapter, alpha, steps, mediator, rows, root_input, envoy.path, positions, what, group)
+        is_new = activation is not None
+        if is_new:
+            made.append((activation, envoy.path))
         if positions is not None:
             Standby.of(interleaver.batcher.__dict__.setdefault(NOTE, {})).enrol(controller)
         if is_new and passes:
@@ -727,6 +731,7 @@ def activate_many(
                     f"`.output` of `{envoy.path}` or of any module after it.",
                     stacklevel=stacklevel,
                 )
+    watch(made, interleaver, mediator)  # a run that ends with one having acted on nothing raises (see `acted`)
 
 
 def _adapter_controller(envoy: "Envoy") -> AdapterController:
@@ -763,8 +768,8 @@ def _switch_on(
     positions: PositionSpec | None = None,
     what: str = "the intervention",
     group: Any = None,
-) -> bool:
-    """Add (or update) ``adapter``'s activation for ``mediator``; whether it is new."""
+) -> "Activation | None":
+    """Add (or update) ``adapter``'s activation for ``mediator``: the new activation, or ``None`` if it was there."""
     interleaver = mediator.interleaver
     # Activations of finished runs are dropped here, not only when the module
     # next runs idle: a training loop calls `lora()` in every run. Once per run:
@@ -790,7 +795,7 @@ def _switch_on(
         if other is mediator:
             activation.update(alpha, steps, positions)
             _count_repeat_call(activation, mediator, path)
-            return False
+            return None
         other_rows = other.batch_group if rows is not None else None
         if rows is None or other_rows is None or _overlap(rows, other_rows):
             raise RuntimeError(
@@ -803,8 +808,7 @@ def _switch_on(
     activation.what, activation.group = what, group
     controller.activations.append(activation)
     controller.by_adapter.setdefault(id(adapter), []).append(activation)
-    watch(activation, interleaver, path)  # a run that ends with it having acted on nothing raises (see `acted`)
-    return True
+    return activation
 
 
 def _count_repeat_call(activation: Activation, mediator: "Mediator", path: str) -> None:

@@ -27,7 +27,10 @@ not define it again, `DoRA`, does not inherit it):
 - ``_grouped_key(self)``: a hashable key, equal for members whose parameters
   stack and whose options agree (rank, widths, dtype, dropout), or ``None``
   where this one cannot join a group (a parametrized tensor, an embedding);
-- ``_grouped_parameters(self)``: the tensors to stack, in order;
+- ``_grouped_parameters(self)``: the tensors to stack, in order: parameters of
+  the adapter's own table (``_parameters``), not tensors computed from them,
+  since what it returns is kept between switch-ons while that table holds the
+  same tensors (`key_of`);
 - ``_grouped_intervene(self, output, x, stacked, member, rows, scale)``: the new
   ``(B, T, d)`` output from the ``(B, T, d)`` output and ``(B, T, in)`` input;
   ``member[m]`` is the stack index of the m-th acted row (``None``: row m is
@@ -47,6 +50,7 @@ experts) the same refusal applies as for one activation (`check_batch_axis`,
 
 from __future__ import annotations
 
+import operator
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +61,7 @@ from .rows import NOTE
 if TYPE_CHECKING:
     from .activation import Activation, AdapterController
 
-__all__ = ["Group", "plan", "apply", "opts_in", "check_row_alphas"]
+__all__ = ["Group", "plan", "apply", "opts_in", "key_of", "changed", "check_row_alphas"]
 
 #: The key, in the run's notes (`rows.NOTE`), of the group caches: stacks and row indices.
 GROUPED = "grouped"
@@ -74,18 +78,54 @@ def opts_in(kind: type) -> bool:
     return "_grouped_intervene" in kind.__dict__
 
 
-def key_of(adapter: Any, rows: Any, alpha: Any) -> tuple | None:
-    """``(kind, own key, dropout)`` of an activation that may join a group (`plan`), else ``None``.
+#: Where `key_of` keeps an adapter's key and stacked tensors, in the adapter's ``__dict__``.
+MEMO = "_grouped_memo"
 
-    ``None`` for a kind that does not opt in, for one activation on the whole
-    batch with one alpha (the per-activation path's plain case), and where the
-    kind's `_grouped_key` says so. Worked out at switch-on (`Activation.update`).
+#: Bumped whenever an intervention's attributes or parameters are set, deleted,
+#: registered or moved (`Optimization.__setattr__`): the tensors an activation
+#: took at switch-on (`key_of`) are used at the pass only while it stands still.
+CHANGES = [0]
+
+
+def changed(adapter: Any) -> None:
+    """Note that ``adapter``'s attributes or parameters may have changed: drop what `key_of` kept."""
+    adapter.__dict__.pop(MEMO, None)
+    CHANGES[0] += 1
+
+
+def key_of(adapter: Any, rows: Any, alpha: Any) -> tuple:
+    """``(key, tensors)`` of an activation that may join a group (`plan`), else ``(None, None)``.
+
+    The key is ``(kind, own key, dropout)``; ``None`` for a kind that does not
+    opt in, for one activation on the whole batch with one alpha (the
+    per-activation path's plain case), and where the kind's `_grouped_key`
+    says so. ``tensors`` is ``(CHANGES[0], the kind's _grouped_parameters())``.
+    Worked out at switch-on (`Activation.update`), where the adapter is at hand.
+
+    Both are kept on the adapter between switch-ons: reading its parameters
+    costs each of K sets more than the rest of its switch-on, once a run has
+    pushed them out of the CPU's caches. They are kept while the adapter's
+    parameter table holds the same tensors, and dropped when an attribute is
+    set or deleted or the adapter is moved (`changed`). A ``param.data = ...``
+    of another dtype or device, which neither shows, is caught where the
+    group stacks (`Group.stack`).
+
+    Examples:
+        >>> key_of(lora, [0, 1], 1.0)[0][0] is LORA, key_of(lora, None, 1.0)
+        (True, (None, None))
     """
     kind = type(adapter)
     if "_grouped_intervene" not in kind.__dict__ or (rows is None and type(alpha) is float):
-        return None
-    own = adapter._grouped_key()
-    return None if own is None else (kind, own, bool(getattr(adapter, "dropout", 0.0)))
+        return None, None
+    state = adapter.__dict__
+    parameters = tuple(state["_parameters"].values())
+    memo = state.get(MEMO)
+    if memo is None or len(memo[0]) != len(parameters) or not all(map(operator.is_, memo[0], parameters)):
+        own = adapter._grouped_key()
+        key = None if own is None else (kind, own, bool(getattr(adapter, "dropout", 0.0)))
+        memo = state[MEMO] = (parameters, key, None if key is None else adapter._grouped_parameters())
+    # stamped now: they are the adapter's tensors as of this switch-on (see `Group.stack`)
+    return memo[1], None if memo[2] is None else (CHANGES[0], memo[2])
 
 
 def check_row_alphas(alpha: Any, call: str, means: str) -> torch.Tensor:
@@ -142,7 +182,7 @@ class Group:
         self.versions = None
         self.stacked = None
 
-    def stack(self, controller: Any) -> tuple:
+    def stack(self, controller: Any) -> tuple | None:
         """The members' `_grouped_parameters`, stacked along a new dim 0; kept until one is replaced or changed in place.
 
         Kept for the run on the group, and, outside autograd, across runs on the
@@ -150,11 +190,14 @@ class Group:
         with no graph): an inference loop over the same sets stacks them once.
         Each use compares every parameter's identity, ``_version`` and storage
         with those it was stacked from, so an optimizer step, an in-place edit
-        or a ``param.data = ...`` is seen.
+        or a ``param.data = ...`` is seen. ``None`` where the members' tensors
+        differ in dtype or device, which their keys did not show (see `key_of`).
         """
         tensors = []
+        changes = CHANGES[0]
         for member in self.members:
-            tensors.extend(member._adapter()._grouped_parameters())
+            seen, taken = member.tensors  # taken at switch-on (`key_of`): the adapter is not read again unless it changed since
+            tensors.extend(taken if seen == changes else member._adapter()._grouped_parameters())
         grad = torch.is_grad_enabled()
         old, versions, stacked = self.tensors, self.versions, self.stacked
         if old is None and not grad and controller.stacks is not None:
@@ -171,7 +214,14 @@ class Group:
                 self.tensors, self.versions, self.stacked = tensors, versions, stacked
                 return stacked
         width = len(tensors) // len(self.members)
-        self.stacked = tuple(torch.stack(tensors[j::width]) for j in range(width))
+        columns = [tensors[j::width] for j in range(width)]
+        if any(len({(tensor.dtype, tensor.device) for tensor in column}) > 1 for column in columns):
+            # A `param.data = ...` of another dtype or device, which the kept keys do not show:
+            # work the keys out again at the next switch-on; this pass goes one by one.
+            for member in self.members:
+                changed(member._adapter())
+            return None
+        self.stacked = tuple(torch.stack(column) for column in columns)
         self.tensors = tensors
         versions = [grad]
         for tensor in tensors:
@@ -257,6 +307,9 @@ def apply(
     masked = not group.fixed and any(piece[3] is not True for piece in pieces)  # some member's positions pick some tokens only
     width = (batcher.__dict__.get(NOTE) or {}).get("pass", (0, None))[1] if masked else None
     why = _unfit(adapted, x, leader, out_span, width, reads_input)
+    stacked = group.stack(controller) if why is None else None
+    if why is None and stacked is None:
+        why = "its members' parameters differ in dtype or device"
     if why is not None:
         if any(type(alpha) is not float for *_, alpha in pieces):
             raise ValueError(
@@ -269,7 +322,6 @@ def apply(
     d = adapted.shape[-1]
     out3 = adapted.reshape(total, -1, d) if out_span == 1 else adapted.reshape(total, out_span, d)
     x3 = x.reshape(total, out3.shape[1], x.shape[-1]) if reads_input else None
-    stacked = group.stack(controller)
     if group.fixed and group.index is not None:
         (member, rows), scale = group.index, group.scale
     else:

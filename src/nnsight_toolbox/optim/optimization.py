@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from ..remote import _pickled_for_nnsight_server, check_shippable
+from .grouped import MEMO as _GROUPED_MEMO
+from .grouped import changed as _changed
 from .positions import PositionSpec, normalize_positions
 
 
@@ -131,11 +133,23 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
 
     def _follow_module_device(self) -> None:
         """Move the parameters (in place, keeping them the same objects) to the module's
-        device, once the model has real weights there (it may start on the meta device)."""
+        device, once the model has real weights there (it may start on the meta device).
+
+        Called at every switch-on: the device found is kept on the intervention until
+        an attribute is set or it is moved (`_note_change`), so that K sets switched
+        on in one run do not each read their parameters, which the run has pushed
+        out of the CPU's caches.
+        """
         device = _module_device(self.module)
+        if device is None or device.type == "meta":
+            return
+        state = self.__dict__
+        if state.get(_DEVICE_MEMO) == device:  # where the parameters were, and nothing moved or replaced them since
+            return
         first = first_parameter(self)
-        if first is not None and device is not None and device != first.device and device.type != "meta":
+        if first is not None and device != first.device:
             self.to(device)
+        state[_DEVICE_MEMO] = device
 
     def parameters(self, recurse: bool = True) -> list[torch.nn.Parameter]:  # type: ignore[override]
         """The trainable tensors, as a list ready for a torch optimizer.
@@ -146,6 +160,33 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
             [(32, 8), (8, 32)]
         """
         return list(torch.nn.Module.parameters(self, recurse))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Set an attribute as a module does, dropping what `grouped.key_of` kept from the old value.
+
+        Examples:
+            >>> lora.dropout = 0.0    # the next switch-on works out the adapter's group anew
+        """
+        _note_change(self)
+        torch.nn.Module.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        _note_change(self)
+        torch.nn.Module.__delattr__(self, name)
+
+    def register_parameter(self, name: str, param: Any) -> None:
+        """Register a parameter as a module does, dropping what the next switch-on would take from the old one.
+
+        Examples:
+            >>> lora.register_parameter("WB", torch.nn.Parameter(torch.zeros_like(lora.WB)))
+        """
+        _note_change(self)
+        torch.nn.Module.register_parameter(self, name, param)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # `.to()`, `.half()`, `.cuda()`: the parameters may change dtype or device and stay the same objects
+        _note_change(self)
+        return torch.nn.Module._apply(self, fn, recurse)
 
     #: Attributes that belong to this object alone: a copy (``copy.copy``,
     #: ``copy.deepcopy``, a remote request's) starts with ``None`` there. `LORA`
@@ -183,9 +224,11 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
             )
         check_shippable(self)
         reduced = object.__reduce_ex__(self, protocol)
-        if not self._not_copied or not isinstance(reduced[2], dict):
+        if not isinstance(reduced[2], dict) or (not self._not_copied and not any(name in reduced[2] for name in _MEMOS)):
             return reduced
         state = {**reduced[2], **{name: None for name in self._not_copied if name in reduced[2]}}
+        for name in _MEMOS:  # run-time bookkeeping, worked out again where it runs
+            state.pop(name, None)
         return (*reduced[:2], state, *reduced[3:])
 
     def __copy__(self) -> "Optimization":
@@ -224,8 +267,22 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         for name, value in self.__dict__.items():
-            clone.__dict__[name] = None if name in self._not_copied else copy.deepcopy(value, memo)
+            if name not in _MEMOS:  # run-time bookkeeping: the copy works out its own
+                clone.__dict__[name] = None if name in self._not_copied else copy.deepcopy(value, memo)
         return clone
+
+
+#: Where `Optimization._follow_module_device` keeps the device it found, in the intervention's ``__dict__``.
+_DEVICE_MEMO = "_device_memo"
+
+#: What an intervention keeps of itself for the next switch-on, dropped by any change to it.
+_MEMOS = (_GROUPED_MEMO, _DEVICE_MEMO)
+
+
+def _note_change(obj: "Optimization") -> None:
+    """An attribute of ``obj`` is set or deleted, a parameter registered, or it is moved: drop its memos."""
+    obj.__dict__.pop(_DEVICE_MEMO, None)
+    _changed(obj)
 
 
 def _holds_envoy(obj: "Optimization") -> bool:
