@@ -108,7 +108,9 @@ def key_of(adapter: Any, rows: Any, alpha: Any) -> tuple:
     parameter table holds the same tensors, and dropped when an attribute is
     set or deleted or the adapter is moved (`changed`). A ``param.data = ...``
     of another dtype or device, which neither shows, is caught where the
-    group stacks (`Group.stack`).
+    group stacks (`Group.stack`). A write into the table itself
+    (``adapter._parameters[name] = ...``, which no ``__setattr__`` sees) is
+    seen at the next switch-on, not at a pass of the run already switched on.
 
     Examples:
         >>> key_of(lora, [0, 1], 1.0)[0][0] is LORA, key_of(lora, None, 1.0)
