@@ -451,6 +451,18 @@ def test_a_kept_key_follows_the_adapters_options(gpt2):
     assert grouped.MEMO not in copied.__dict__  # a copy works out its own, for its own tensors
     assert grouped.key_of(copied, [0, 1], 1.0)[0] == changed
 
+
+def test_what_a_switch_on_keeps_is_not_sent_with_a_remote_request(gpt2, monkeypatch):
+    from nnsight_toolbox.optim import optimization
+
+    adapters = loras(gpt2, 2)
+    invoked_logits(gpt2, PROMPTS[:2], lambda k: adapters[k]())
+    assert grouped.MEMO in adapters[0].__dict__ and "_device_memo" in adapters[0].__dict__
+    monkeypatch.setattr(optimization, "_pickled_for_nnsight_server", lambda: True)  # as nnsight's serializer pickles it
+    state = adapters[0].__reduce_ex__(2)[2]
+    assert grouped.MEMO not in state and "_device_memo" not in state
+    assert state["_parameters"]["WA"] is adapters[0].WA and state["_merge_record"] is None
+
 @pytest.mark.parametrize("kind", ["lora", "steering"])
 def test_per_row_alphas_equal_separate_runs(gpt2, kind):
     prompts = ["Hello", "World", "abcde", "12345"]  # one length: no padding

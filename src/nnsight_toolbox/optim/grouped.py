@@ -309,9 +309,10 @@ def apply(
     masked = not group.fixed and any(piece[3] is not True for piece in pieces)  # some member's positions pick some tokens only
     width = (batcher.__dict__.get(NOTE) or {}).get("pass", (0, None))[1] if masked else None
     why = _unfit(adapted, x, leader, out_span, width, reads_input)
-    stacked = group.stack(controller) if why is None else None
-    if why is None and stacked is None:
-        why = "its members' parameters differ in dtype or device"
+    if why is None:
+        stacked = group.stack(controller)
+        if stacked is None:
+            why = "its members' parameters differ in dtype or device"
     if why is not None:
         if any(type(alpha) is not float for *_, alpha in pieces):
             raise ValueError(

@@ -224,11 +224,10 @@ class Optimization(torch.nn.Module, metaclass=abc.ABCMeta):
             )
         check_shippable(self)
         reduced = object.__reduce_ex__(self, protocol)
-        if not isinstance(reduced[2], dict) or (not self._not_copied and not any(name in reduced[2] for name in _MEMOS)):
+        if not isinstance(reduced[2], dict):
             return reduced
-        state = {**reduced[2], **{name: None for name in self._not_copied if name in reduced[2]}}
-        for name in _MEMOS:  # run-time bookkeeping, worked out again where it runs
-            state.pop(name, None)
+        # `_MEMOS` are run-time bookkeeping, worked out again where it runs; `_not_copied` starts as None
+        state = {name: None if name in self._not_copied else value for name, value in reduced[2].items() if name not in _MEMOS}
         return (*reduced[:2], state, *reduced[3:])
 
     def __copy__(self) -> "Optimization":
