@@ -18,7 +18,7 @@ tokens). Each variant is one forward:
   (`activation.add_deltas`) replaced by a stub that marks every live member as
   having acted and returns the output unchanged. What is left is each member's
   switch-on, nnsight's handoff and the controller's search for live activations;
-- **+ plan**: the stub also groups the live activations (`grouped.plan`), as
+- **+ plan**: the stub also groups the live activations (`activation._planned`), as
   every pass does;
 - **+ check**: the stub also takes each group's stack (`grouped.Group.stack`),
   which reads every stacked parameter's identity, ``_version`` and storage to see
@@ -77,26 +77,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def stubs(grouped) -> dict:
+def stubs(activation, grouped) -> dict:
     """Stand-ins for `activation.add_deltas` that do part of its work: each marks the live members as having acted."""
 
     def switch_on_only(output, x, live, interleaver, controller):
-        for activation in live:
-            activation.acted = True
+        for member in live:
+            member.acted = True
         return output
 
     def plan_only(output, x, live, interleaver, controller):
-        key = tuple(live)
-        if key not in controller.plans:
-            controller.plans[key] = grouped.plan(live)
+        activation._planned(live, controller)
         return switch_on_only(output, x, live, interleaver, controller)
 
     def plan_and_check(output, x, live, interleaver, controller):
-        key = tuple(live)
-        steps = controller.plans.get(key)
-        if steps is None:
-            steps = controller.plans[key] = grouped.plan(live)
-        for step in steps:
+        for step in activation._planned(live, controller):
             if type(step) is grouped.Group:
                 step.stack(controller)
         return switch_on_only(output, x, live, interleaver, controller)
@@ -138,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     bare = bare_invokes(LanguageModel(copy.deepcopy(raw), tokenizer=model.tokenizer), ids)
 
     real = activation.add_deltas
-    per_pass = {"full": real, NO_ARITHMETIC: real, **stubs(grouped)}
+    per_pass = {"full": real, NO_ARITHMETIC: real, **stubs(activation, grouped)}
     computation = nnsight_toolbox.LORA._grouped_intervene
 
     def unchanged(self, output, *rest):
@@ -199,7 +193,7 @@ def markdown(records: list[dict]) -> str:
     ]
     previous = None
     for name, row in rows.items():
-        step = f"+{(row['over_bare'] - previous) * 100:.1f}% of bare" if previous is not None and name in STEPS else ""
+        step = f"{(row['over_bare'] - previous) * 100:+.1f}% of bare" if previous is not None and name in STEPS else ""
         lines.append(f"| {name} | {row['median_ms']:.1f} | {row['over_bare']:.3f}x | {step} |")
         previous = row["over_bare"]
     lines += [

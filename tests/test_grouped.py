@@ -463,6 +463,7 @@ def test_what_a_switch_on_keeps_is_not_sent_with_a_remote_request(gpt2, monkeypa
     assert grouped.MEMO not in state and "_device_memo" not in state
     assert state["_parameters"]["WA"] is adapters[0].WA and state["_merge_record"] is None
 
+
 @pytest.mark.parametrize("kind", ["lora", "steering"])
 def test_per_row_alphas_equal_separate_runs(gpt2, kind):
     prompts = ["Hello", "World", "abcde", "12345"]  # one length: no padding

@@ -354,13 +354,7 @@ def add_deltas(
     cloned = False
     spans = None  # (output, input) dim-0 entries per batch row; see `rows.row_span`
     # Several of one kind on their own rows (or one alpha per row): one computation (see `grouped`).
-    if len(live) == 1 and type(live[0].alpha) is float:
-        steps = live
-    else:  # planned once per run and set of live activations (see `_switch_on`, which clears the plans)
-        key = tuple(live)
-        steps = controller.plans.get(key)
-        if steps is None:
-            steps = controller.plans[key] = grouped.plan(live)
+    steps = live if len(live) == 1 and type(live[0].alpha) is float else _planned(live, controller)
     for step in steps:
         if type(step) is grouped.Group:
             changed = grouped.apply(step, adapted, target, x, batcher, controller, (_chosen_tokens, _row_spans, check_batch_axis))
@@ -371,6 +365,15 @@ def add_deltas(
         for activation in step.members if type(step) is grouped.Group else (step,):  # one by one: a single, or a group whose layout `grouped` does not take
             adapted, cloned, spans = _apply_one(activation, adapted, cloned, spans, target, x, batcher, controller)
     return adapted if output is target else replace_first_tensor(output, adapted)
+
+
+def _planned(live: list[Activation], controller: AdapterController) -> list:
+    """`grouped.plan` of ``live``, worked out once per run and set of live activations (`_switch_on` clears the plans)."""
+    key = tuple(live)
+    steps = controller.plans.get(key)
+    if steps is None:
+        steps = controller.plans[key] = grouped.plan(live)
+    return steps
 
 
 def _apply_one(
